@@ -1,0 +1,31 @@
+"""Where vmlab keeps what it builds: the cache root, and a check that it is usable."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from .errors import EnvironmentProblem
+
+
+def cache_root() -> Path:
+    """`$VMLAB_CACHE`, else `$XDG_CACHE_HOME/vmlab`, else `~/.cache/vmlab`."""
+    if os.environ.get("VMLAB_CACHE"):
+        return Path(os.environ["VMLAB_CACHE"]).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
+    return base / "vmlab"
+
+
+def ensure_writable_dir(path: Path, what: str = "cache directory") -> Path:
+    """Create `path` if needed and prove it is writable, or raise naming the fix."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write-probe-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        raise EnvironmentProblem(
+            f"{what} {path} is not writable ({err.strerror}); "
+            f"set VMLAB_CACHE to a writable directory or fix its permissions"
+        ) from err
+    return path
