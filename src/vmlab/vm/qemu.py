@@ -1,0 +1,487 @@
+"""One QEMU process per node: its command line, its lifetime, and QMP.
+
+`build_argv(cfg)` turns a `VmConfig` into QEMU's argv (pure, testable without QEMU). `QemuVm`
+starts that process through `vm/process.py` (own process group, parent-death signal), connects
+QMP with `qemu.qmp.QMPClient`, and notices the moment QEMU exits. Choosing the accelerator is
+`vm/accel.py`'s job; booting images, snapshots and agents belong to other layers.
+
+Layout of a node's `run_dir`:
+
+    qmp.sock      QMP server socket (QEMU listens; we connect)
+    console.log   the guest's serial console (written by QEMU itself, so it survives our death)
+    qemu.log      QEMU's own stdout and stderr
+
+Unix socket paths are limited to 107 bytes (sun_path is 108 including the NUL). `build_argv`
+raises `ConfigError` for a longer one; keep run dirs short (e.g. under the cache root or /tmp,
+not under a deep pytest tmp_path).
+
+Threading: a `QemuVm` lives on one asyncio loop. Call `start()` from a loop whose thread lives at
+least as long as the VM (the Env's loop thread): QEMU's parent-death signal fires when the thread
+that spawned it exits (see vm/process.py).
+"""
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import os
+import signal
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from qemu.qmp import ExecuteError, QMPClient, QMPError
+
+from ..errors import ConfigError, NodeCrashed, StateError, VmlabError, VmlabTimeout
+from . import process
+from .accel import qemu_binary
+
+__all__ = ["NicConfig", "VmConfig", "QemuVm", "VmState", "build_argv", "UNIX_PATH_MAX"]
+
+#: Longest usable unix socket path in bytes (sun_path[108] minus the terminating NUL).
+UNIX_PATH_MAX = 107
+QMP_SOCKET = "qmp.sock"
+CONSOLE_LOG = "console.log"
+QEMU_LOG = "qemu.log"
+
+
+@dataclass(frozen=True)
+class NicConfig:
+    """One virtio-net NIC whose netdev is a unix stream socket that QEMU listens on.
+
+    vnet connects to `socket_path` (QEMU 7.2's stream client never reconnects, so QEMU must be
+    the server). Frames on it are preceded by a 4-byte big-endian length.
+    """
+    mac: str
+    socket_path: Path
+
+
+@dataclass(frozen=True, kw_only=True)
+class VmConfig:
+    """Everything needed to start one node's QEMU. Keyword-only.
+
+    name: node name, used in logs and QEMU's `-name`.
+    kernel: PVH-capable `vmlinux` (uncompressed ELF) for `-kernel`; None boots QEMU's firmware
+        (or `bios`) with no kernel, which only tests and probes want.
+    initrd: initramfs for `-initrd`; requires `kernel`.
+    kernel_args, extra_kernel_args: joined with a space for `-append`.
+    memory_mb, cpus: `-m` and `-smp`.
+    nics: in order; NIC i is `-device virtio-net-pci,id=nic{i}` on netdev `net{i}`.
+    run_dir: per-node directory for qmp.sock, console.log and qemu.log; created if missing.
+    accel: "tcg" or "kvm" (see vm.accel.choose_accel).
+    bios: optional firmware image for `-bios`.
+    start_paused: pass `-S` (vCPUs stopped until QMP `cont`), e.g. for restores.
+    extra_args: appended verbatim, for layers that add devices (e.g. `-incoming`).
+    """
+    name: str
+    run_dir: Path
+    kernel: Path | None = None
+    initrd: Path | None = None
+    kernel_args: str = ""
+    memory_mb: int = 256
+    cpus: int = 1
+    nics: tuple[NicConfig, ...] = ()
+    accel: str = "tcg"
+    extra_kernel_args: str = ""
+    bios: Path | None = None
+    start_paused: bool = False
+    extra_args: tuple[str, ...] = ()
+
+    @property
+    def qmp_path(self) -> Path:
+        return self.run_dir / QMP_SOCKET
+
+    @property
+    def console_path(self) -> Path:
+        return self.run_dir / CONSOLE_LOG
+
+    @property
+    def log_path(self) -> Path:
+        return self.run_dir / QEMU_LOG
+
+
+def _check_socket_path(path: Path, what: str, node: str) -> None:
+    n = len(os.fsencode(path))
+    if n > UNIX_PATH_MAX:
+        raise ConfigError(f"node {node!r}: {what} path {str(path)!r} is {n} bytes; unix sockets "
+                          f"allow at most {UNIX_PATH_MAX}; use a shorter run_dir or socket "
+                          f"directory (e.g. under /tmp)")
+
+
+def _validate(cfg: VmConfig) -> None:
+    problems = []
+    if not cfg.name or any(c in cfg.name for c in ",= /\n"):
+        problems.append(f"name {cfg.name!r} must be non-empty without ',', '=', '/' or spaces")
+    if cfg.accel not in ("tcg", "kvm"):
+        problems.append(f"accel {cfg.accel!r} is not 'tcg' or 'kvm'")
+    if cfg.memory_mb < 16:
+        problems.append(f"memory_mb={cfg.memory_mb} is below 16")
+    if cfg.cpus < 1:
+        problems.append(f"cpus={cfg.cpus} is below 1")
+    if cfg.kernel is None and (cfg.initrd is not None or cfg.kernel_args or cfg.extra_kernel_args):
+        problems.append("initrd or kernel args given without a kernel; set kernel")
+    for i, nic in enumerate(cfg.nics):
+        parts = nic.mac.split(":")
+        if len(parts) != 6 or not all(len(p) == 2 and all(c in "0123456789abcdefABCDEF" for c in p)
+                                      for p in parts):
+            problems.append(f"nics[{i}].mac {nic.mac!r} is not like 52:cc:cc:cc:cc:01")
+        elif int(parts[0], 16) & 1:
+            problems.append(f"nics[{i}].mac {nic.mac!r} is a multicast address; "
+                            f"the first byte must be even")
+        if "," in str(nic.socket_path):
+            problems.append(f"nics[{i}].socket_path must not contain ','")
+    if "," in str(cfg.run_dir):
+        problems.append(f"run_dir {str(cfg.run_dir)!r} must not contain ',' (QEMU option syntax)")
+    if problems:
+        raise ConfigError(f"node {cfg.name!r}: " + "; ".join(problems))
+    _check_socket_path(cfg.qmp_path, "QMP socket", cfg.name)
+    for i, nic in enumerate(cfg.nics):
+        _check_socket_path(nic.socket_path, f"nics[{i}] socket", cfg.name)
+
+
+def build_argv(cfg: VmConfig, qemu: str = "qemu-system-x86_64") -> list[str]:
+    """QEMU's argv for `cfg`. Pure: touches no file. Raises ConfigError for an invalid cfg.
+
+    Example (2 NICs)::
+
+        build_argv(VmConfig(name="alice", run_dir=Path("/tmp/r/alice"), kernel=Path("vmlinux"),
+                            initrd=Path("a.cpio"), kernel_args="console=ttyS0",
+                            nics=(NicConfig("52:cc:cc:cc:cc:01", Path("/tmp/r/alice/n0.sock")),)))
+    """
+    _validate(cfg)
+    argv = [
+        qemu,
+        "-name", cfg.name,
+        "-machine", "pc",
+        "-accel", cfg.accel,
+    ]
+    if cfg.accel == "kvm":
+        argv += ["-cpu", "host"]
+    # TCG: QEMU's default CPU model. `-cpu max` gave no boot-time gain here
+    # (reference/measurements-boot-snapshot.md §2) and would tie snapshots to this QEMU build.
+    argv += [
+        "-m", str(cfg.memory_mb),
+        "-smp", str(cfg.cpus),
+        "-nodefaults", "-no-user-config",
+        "-display", "none",
+        "-no-reboot",
+        # The console goes straight to a file from QEMU, so it is captured even if we die.
+        "-chardev", f"file,id=console,path={cfg.console_path}",
+        "-serial", "chardev:console",
+        "-qmp", f"unix:{cfg.qmp_path},server=on,wait=off",
+    ]
+    if cfg.bios is not None:
+        argv += ["-bios", str(cfg.bios)]
+    if cfg.kernel is not None:
+        argv += ["-kernel", str(cfg.kernel)]
+        if cfg.initrd is not None:
+            argv += ["-initrd", str(cfg.initrd)]
+        append = " ".join(a for a in (cfg.kernel_args.strip(), cfg.extra_kernel_args.strip()) if a)
+        if append:
+            argv += ["-append", append]
+    for i, nic in enumerate(cfg.nics):
+        argv += [
+            "-netdev", f"stream,id=net{i},server=on,addr.type=unix,addr.path={nic.socket_path}",
+            # romfile= : no option ROM; we never PXE boot, and it saves loading efi-virtio.rom.
+            "-device", f"virtio-net-pci,netdev=net{i},id=nic{i},mac={nic.mac},romfile=",
+        ]
+    if cfg.start_paused:
+        argv.append("-S")
+    argv += list(cfg.extra_args)
+    return argv
+
+
+def _tail(path: Path, n_lines: int, max_bytes: int = 64 * 1024) -> str:
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            size = f.tell()
+            f.seek(max(0, size - max_bytes))
+            data = f.read()
+    except FileNotFoundError:
+        return ""
+    lines = data.decode(errors="replace").splitlines()
+    return "\n".join(lines[-n_lines:]) if n_lines > 0 else ""
+
+
+class VmState(str, enum.Enum):
+    NEW = "new"
+    STARTING = "starting"
+    RUNNING = "running"    # QEMU process alive and QMP connected
+    EXITED = "exited"      # QEMU exited by itself (guest poweroff, crash)
+    KILLED = "killed"      # we killed it
+
+
+class QemuVm:
+    """A QEMU process for one node, driven over QMP on the caller's event loop.
+
+    Example::
+
+        vm = QemuVm(VmConfig(name="alice", run_dir=run, kernel=vmlinux, initrd=cpio,
+                             kernel_args="console=ttyS0", accel=choose_accel().name))
+        await vm.start()
+        await vm.set_link(0, up=False)
+        ...
+        await vm.kill()
+    """
+
+    #: Default bound on one QMP command.
+    qmp_timeout_s: float = 30.0
+
+    def __init__(self, cfg: VmConfig, *, qemu: str | None = None):
+        self.cfg = cfg
+        self._qemu = qemu
+        self._state = VmState.NEW
+        self._proc = None
+        self._qmp: QMPClient | None = None
+        self._exited: asyncio.Event | None = None  # created in start(): needs the running loop
+        self._watcher: asyncio.Task | None = None
+        self._returncode: int | None = None
+        self._killing = False
+        self.log = logging.getLogger(__name__).getChild(cfg.name)
+
+    def __repr__(self) -> str:
+        return f"<QemuVm {self.cfg.name!r} {self._state.value} pid={self.pid}>"
+
+    # ------------------------------------------------------------ properties
+
+    @property
+    def state(self) -> VmState:
+        return self._state
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
+
+    @property
+    def returncode(self) -> int | None:
+        """QEMU's exit code once it has exited (negative: killed by that signal), else None."""
+        return self._returncode
+
+    @property
+    def console_path(self) -> Path:
+        return self.cfg.console_path
+
+    @property
+    def exited(self) -> asyncio.Event:
+        """Set when the QEMU process has exited and been reaped. Await `exited.wait()` next to
+        another wait to fail fast when the node dies. Exists from `start()` on."""
+        if self._exited is None:
+            raise StateError(f"node {self.cfg.name!r} is {self._state.value}: "
+                             f"call start() before using exited")
+        return self._exited
+
+    def console_tail(self, n_lines: int = 30) -> str:
+        """The last `n_lines` of the serial console (for error messages and artifacts)."""
+        return _tail(self.cfg.console_path, n_lines)
+
+    def qemu_log_tail(self, n_lines: int = 30) -> str:
+        """The last `n_lines` of QEMU's own stdout/stderr."""
+        return _tail(self.cfg.log_path, n_lines)
+
+    # ------------------------------------------------------------ lifecycle
+
+    async def start(self, *, timeout_s: float = 10.0) -> None:
+        """Spawn QEMU and connect QMP, within `timeout_s`.
+
+        Must run on a loop whose thread outlives the VM (see module docstring). On failure the
+        process is killed and reaped before the error propagates.
+
+        :raise ConfigError: invalid config (see build_argv).
+        :raise EnvironmentProblem: QEMU is missing.
+        :raise NodeCrashed: QEMU exited during start-up; the message has the tail of qemu.log.
+        :raise VmlabTimeout: QMP did not answer within `timeout_s`.
+        """
+        if self._state is not VmState.NEW:
+            raise StateError(f"node {self.cfg.name!r} is {self._state.value}; a QemuVm starts "
+                             f"once: create a new QemuVm to start again")
+        qemu = self._qemu or qemu_binary()
+        argv = build_argv(self.cfg, qemu)
+        self.cfg.run_dir.mkdir(parents=True, exist_ok=True)
+        # A stale socket could belong to a QEMU still running from an earlier run: never
+        # connect to it by mistake.
+        self.cfg.qmp_path.unlink(missing_ok=True)
+        self._state = VmState.STARTING
+        self._exited = asyncio.Event()
+        t0 = time.monotonic()
+        with open(self.cfg.log_path, "wb") as qlog:
+            self._proc = process.spawn(argv, stdout=qlog, stderr=qlog)
+        self.log.info("started QEMU pid %d (%s)", self._proc.pid, self.cfg.accel)
+        self.log.debug("argv: %s", " ".join(argv))
+        self._watcher = asyncio.get_running_loop().create_task(
+            self._watch_exit(), name=f"vmlab-qemu-exit-{self.cfg.name}")
+        try:
+            await self._connect_qmp(t0 + timeout_s, timeout_s)
+        except BaseException:
+            try:
+                await self.kill()
+            except Exception as err:  # cleanup must not hide the start error
+                self.log.error("cleanup after failed start: %s", err)
+            raise
+        self._state = VmState.RUNNING
+        self.log.info("QMP connected after %.3f s", time.monotonic() - t0)
+
+    async def _watch_exit(self) -> None:
+        assert self._proc is not None and self._exited is not None
+        rc = await process.wait_exit_async(self._proc)
+        self._returncode = rc
+        if self._killing:
+            self._state = VmState.KILLED
+            self.log.info("QEMU pid %d killed (rc %d)", self._proc.pid, rc)
+        else:
+            self._state = VmState.EXITED
+            self.log.warning("QEMU pid %d exited by itself with rc %d; qemu.log tail:\n%s",
+                             self._proc.pid, rc, self.qemu_log_tail(10))
+        self._exited.set()
+
+    def _crashed(self, doing: str) -> NodeCrashed:
+        return NodeCrashed(
+            f"node {self.cfg.name!r}: QEMU (pid {self.pid}) exited with code {self._returncode} "
+            f"while {doing}; see {self.cfg.log_path} and {self.cfg.console_path}\n"
+            f"--- qemu.log (tail) ---\n{self.qemu_log_tail(15)}\n"
+            f"--- console (tail) ---\n{self.console_tail(15)}")
+
+    async def _connect_qmp(self, deadline: float, timeout_s: float) -> None:
+        assert self._exited is not None
+        last: object = "socket not created yet"
+        while True:
+            if self._exited.is_set():
+                raise self._crashed("starting (before QMP answered)")
+            if self.cfg.qmp_path.exists():
+                client = QMPClient(self.cfg.name)
+                try:
+                    remaining = max(0.1, deadline - time.monotonic())
+                    await asyncio.wait_for(client.connect(str(self.cfg.qmp_path)), remaining)
+                    self._qmp = client
+                    return
+                except (QMPError, OSError, asyncio.TimeoutError) as err:
+                    last = err
+                    await self._disconnect_quietly(client)
+            if time.monotonic() >= deadline:
+                if self._exited.is_set():
+                    raise self._crashed("starting (before QMP answered)")
+                raise VmlabTimeout(
+                    f"node {self.cfg.name!r}: QMP at {self.cfg.qmp_path} did not answer within "
+                    f"{timeout_s:g} s (last: {last}); the host may be overloaded: see "
+                    f"{self.cfg.log_path}", last=last)
+            # Wake up early if QEMU exits; otherwise retry soon (the socket appears ~0.1 s
+            # after spawn here).
+            try:
+                await asyncio.wait_for(self._exited.wait(), 0.02)
+            except asyncio.TimeoutError:
+                pass
+
+    async def _disconnect_quietly(self, client: QMPClient) -> None:
+        try:
+            await asyncio.wait_for(client.disconnect(), 2.0)
+        except Exception as err:  # the peer is usually dead already; nothing to do about it
+            self.log.debug("QMP disconnect: %r", err)
+
+    async def kill(self, *, timeout_s: float = 5.0) -> None:
+        """SIGKILL QEMU's whole process group and reap it. Idempotent; safe in any state.
+
+        A killed node's state is never saved: this is teardown, not shutdown.
+
+        :raise VmlabTimeout: QEMU was not reaped within `timeout_s` after SIGKILL.
+        """
+        if self._proc is None:
+            self._state = VmState.KILLED
+            return
+        self._killing = self._killing or not (self._exited and self._exited.is_set())
+        client, self._qmp = self._qmp, None
+        if client is not None:
+            await self._disconnect_quietly(client)  # first, so it does not log a lost peer
+        if self._returncode is None and self._proc.returncode is None:
+            try:
+                os.killpg(self._proc.pid, signal.SIGKILL)  # unreaped leader: the pgid is still ours
+            except ProcessLookupError:
+                pass
+        assert self._watcher is not None and self._exited is not None
+        try:
+            await asyncio.wait_for(asyncio.shield(self._exited.wait()), timeout_s)
+        except asyncio.TimeoutError:
+            raise VmlabTimeout(
+                f"node {self.cfg.name!r}: QEMU pid {self.pid} survived SIGKILL for {timeout_s:g} s "
+                f"(uninterruptible sleep?); check /proc/{self.pid}/stack and dmesg",
+                last=self._proc.pid) from None
+
+    async def wait_exit(self, timeout_s: float) -> int:
+        """Wait until QEMU exits (e.g. the guest powered off) and return its exit code.
+
+        :raise VmlabTimeout: still running after `timeout_s`; `last` is the console tail.
+        """
+        ev = self.exited
+        try:
+            await asyncio.wait_for(ev.wait(), timeout_s)
+        except asyncio.TimeoutError:
+            tail = self.console_tail(15)
+            raise VmlabTimeout(f"node {self.cfg.name!r}: QEMU still running after {timeout_s:g} s"
+                               f"; console tail:\n{tail}", last=tail) from None
+        assert self._returncode is not None
+        return self._returncode
+
+    # ------------------------------------------------------------ QMP
+
+    async def qmp(self, cmd: str, args: Mapping[str, Any] | None = None, /, **kwargs: Any) -> Any:
+        """Run one QMP command and return its `return` value.
+
+        Arguments come from `args` and/or keywords; use `args` for names with dashes::
+
+            await vm.qmp("query-status")                          # {'status': 'running', ...}
+            await vm.qmp("set_link", name="nic0", up=False)
+            await vm.qmp("human-monitor-command", {"command-line": "info network"})
+
+        :raise NodeCrashed: QEMU has exited, or exits during the command.
+        :raise StateError: the node was never started or has been killed.
+        :raise VmlabTimeout: no answer within `qmp_timeout_s`.
+        :raise VmlabError: QEMU rejected the command (message has QEMU's error class and text).
+        """
+        arguments = {**(args or {}), **kwargs}
+        if self._exited is not None and self._exited.is_set() and not self._killing:
+            raise self._crashed(f"running QMP {cmd}")
+        if self._qmp is None or self._state is not VmState.RUNNING:
+            raise StateError(f"node {self.cfg.name!r} is {self._state.value}; QMP needs a started, "
+                             f"running node: call start() first")
+        assert self._exited is not None
+        run = asyncio.ensure_future(self._qmp.execute(cmd, arguments or None))
+        died = asyncio.ensure_future(self._exited.wait())
+        try:
+            done, _ = await asyncio.wait({run, died}, timeout=self.qmp_timeout_s,
+                                         return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            died.cancel()
+            if not run.done():
+                run.cancel()
+        if run in done:
+            try:
+                return run.result()
+            except ExecuteError as err:
+                raise VmlabError(f"node {self.cfg.name!r}: QMP {cmd} {arguments or ''} failed: "
+                                 f"{err.error_class}: {err}") from err
+            except QMPError as err:
+                if self._exited.is_set() or self._proc is not None and self._proc.poll() is not None:
+                    await self._exited.wait()  # let the watcher record the code
+                    raise self._crashed(f"running QMP {cmd}") from err
+                raise VmlabError(f"node {self.cfg.name!r}: QMP {cmd} failed: {err!r}; "
+                                 f"see {self.cfg.log_path}") from err
+        if self._exited.is_set():
+            raise self._crashed(f"running QMP {cmd}")
+        raise VmlabTimeout(f"node {self.cfg.name!r}: QMP {cmd} got no answer within "
+                           f"{self.qmp_timeout_s:g} s; QEMU may be hung: see {self.cfg.log_path}",
+                           last=cmd)
+
+    async def set_link(self, nic_index: int, up: bool) -> None:
+        """Plug (`up=True`) or pull the cable of NIC `nic_index`; the guest sees carrier change.
+
+        :raise ConfigError: no such NIC.
+        """
+        if not 0 <= nic_index < len(self.cfg.nics):
+            raise ConfigError(f"node {self.cfg.name!r} has {len(self.cfg.nics)} NIC(s); "
+                              f"nic_index {nic_index} is out of range")
+        # Name the netdev, not the NIC: QEMU then flips both ends (qmp_set_link changes a NIC
+        # peer too, but not a netdev peer), so frames from vnet are dropped at the netdev and
+        # guest frames at the NIC, and the guest still sees carrier change on the NIC.
+        await self.qmp("set_link", name=f"net{nic_index}", up=up)
+        self.log.info("nic%d link %s", nic_index, "up" if up else "down")
