@@ -38,6 +38,8 @@ class LoopThread:
         try:
             return fut.result(timeout_s)
         except concurrent.futures.TimeoutError:
+            if fut.done():
+                raise  # the coroutine's own TimeoutError (e.g. AgentTimeout), not our bound
             fut.cancel()
             raise VmlabTimeout(f"{what} did not finish within {timeout_s} s") from None
 

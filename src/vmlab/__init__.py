@@ -1,0 +1,10 @@
+"""vmlab: integration tests on real OSes in VMs, wired together by a simulated network."""
+from .env import Env, ExecResult, HttpResponse, Network, Node, PingResult
+from .errors import (AgentError, AgentTimeout, CommandFailed, ConfigError, EnvironmentProblem,
+                     NodeCrashed, StateError, VmlabError, VmlabTimeout)
+
+__all__ = [
+    "Env", "Network", "Node", "ExecResult", "PingResult", "HttpResponse",
+    "VmlabError", "ConfigError", "EnvironmentProblem", "StateError", "VmlabTimeout",
+    "AgentTimeout", "NodeCrashed", "AgentError", "CommandFailed",
+]

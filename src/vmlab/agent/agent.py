@@ -1,0 +1,766 @@
+"""vmlab guest agent: dials the driver and answers its HTTP requests.
+
+Runs inside the guest (the appliance image starts it from /init as `python3 -u /vmlab/agent.py`)
+and on the host for unit tests (`--driver 127.0.0.1:PORT --no-dhcp`). Python stdlib only, and
+every import sits at the top of this file: the image builder imports this module in the guest's
+interpreter to find which stdlib modules the initramfs must carry.
+
+Wire protocol (the driver side is written to exactly this):
+  1. The agent connects to the driver over TCP and sends one line:
+     `VMLAB-AGENT 1 {"mac": ..., "hostname": ..., "version": ..., "conn_id": N}\\n`
+  2. The connection then carries HTTP/1.1 with the driver as the client and the agent as the
+     server: keep-alive, every body with Content-Length, JSON bodies.
+  3. The agent keeps IDLE_CONNECTIONS connections idle at all times: when one receives its first
+     request, or closes, another is dialled, up to MAX_CONNECTIONS in total.
+
+Endpoints: GET /status, POST /exec, POST /ping, POST /http_get (see the handler methods).
+Console output is one line per fact, each starting with `vmlab-agent: `.
+"""
+from __future__ import annotations
+
+import argparse
+import base64
+import http.client
+import http.server
+import json
+import os
+import re
+import selectors
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.parse
+
+AGENT_VERSION = "0.1.0"
+HELLO_PREFIX = "VMLAB-AGENT 1 "
+DEFAULT_DRIVER = ("52.52.0.2", 8008)  # vnet's TEST_DRIVER_IPV4 / TEST_DRIVER_PORT
+DEFAULT_HOSTNAME = "vmlab"
+IDLE_CONNECTIONS = 2
+MAX_CONNECTIONS = 16
+CONNECT_TIMEOUT_S = 2.0
+BACKOFF_START_S = 0.1
+BACKOFF_CAP_S = 1.0
+FAILURE_LOG_INTERVAL_S = 5.0
+# Where the appliance image puts its files; absent on the host, where defaults apply.
+UDHCPC_SCRIPT = "/vmlab/udhcpc.sh"
+OS_FILE = "/vmlab/os"
+EXEC_DEFAULT_TIMEOUT_S = 60.0
+# After a timeout kill, how long to keep reading output from processes that escaped the
+# process group (a daemon that called setsid) before giving up on their pipes.
+EXEC_DRAIN_GRACE_S = 2.0
+
+_log_lock = threading.Lock()
+
+
+def log(message: str) -> None:
+    """One line per fact on stdout, which in the guest is the serial console."""
+    with _log_lock:
+        sys.stdout.write(f"vmlab-agent: {message}\n")
+        sys.stdout.flush()
+
+
+# ---------------------------------------------------------------- configuration
+
+def parse_host_port(text: str) -> tuple[str, int]:
+    """'1.2.3.4:8008' -> ('1.2.3.4', 8008); raises ValueError on anything else."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"expected HOST:PORT, got {text!r}")
+    return host.strip("[]"), int(port)
+
+
+def read_kernel_cmdline(path: str = "/proc/cmdline") -> dict[str, str]:
+    """The `vmlab.*` keys of the kernel command line, e.g. {'vmlab.hostname': 'alice'}."""
+    try:
+        with open(path) as f:
+            words = f.read().split()
+    except OSError:
+        return {}
+    out = {}
+    for word in words:
+        key, sep, value = word.partition("=")
+        if sep and key.startswith("vmlab."):
+            out[key] = value
+    return out
+
+
+class Config:
+    """The agent's settings: the kernel command line, overridden by command-line flags."""
+
+    def __init__(self, driver: tuple[str, int], hostname: str, dhcp: bool):
+        self.driver = driver
+        self.hostname = hostname
+        self.dhcp = dhcp
+
+    @classmethod
+    def from_args(cls, argv: list[str] | None = None) -> "Config":
+        parser = argparse.ArgumentParser(description="vmlab guest agent")
+        parser.add_argument("--driver", help="HOST:PORT to dial (default: vmlab.driver= or 52.52.0.2:8008)")
+        parser.add_argument("--hostname", help="name reported to the driver (default: the system's)")
+        parser.add_argument("--no-dhcp", action="store_true", help="do not run udhcpc on eth* (host-side tests)")
+        args = parser.parse_args(argv)
+        cmdline = read_kernel_cmdline()
+        driver = DEFAULT_DRIVER
+        text = args.driver or cmdline.get("vmlab.driver")
+        if text:
+            try:
+                driver = parse_host_port(text)
+            except ValueError as err:
+                if args.driver:
+                    parser.error(str(err))
+                log(f"ignoring vmlab.driver={text!r}: {err}; using {DEFAULT_DRIVER[0]}:{DEFAULT_DRIVER[1]}")
+        hostname = (args.hostname or cmdline.get("vmlab.hostname") or socket.gethostname()
+                    or DEFAULT_HOSTNAME)
+        return cls(driver=driver, hostname=hostname, dhcp=not args.no_dhcp)
+
+
+# ---------------------------------------------------------------- facts about the system
+
+def _read(path: str, default: str = "") -> str:
+    try:
+        with open(path) as f:
+            return f.read().strip()
+    except OSError:
+        return default
+
+
+def interface_names() -> list[str]:
+    try:
+        return sorted(os.listdir("/sys/class/net"))
+    except OSError:
+        return [name for _, name in socket.if_nameindex()]
+
+
+def interface_mac(name: str) -> str:
+    return _read(f"/sys/class/net/{name}/address").lower()
+
+
+def primary_mac() -> str:
+    """eth0's MAC, else the first non-loopback interface's (on a host), else ''."""
+    names = interface_names()
+    if "eth0" in names:
+        return interface_mac("eth0")
+    for name in names:
+        mac = interface_mac(name)
+        if name != "lo" and mac and mac != "00:00:00:00:00:00":
+            return mac
+    return ""
+
+
+def ipv4_addresses() -> dict[str, list[str]]:
+    """{ifname: ['10.0.2.15/24', ...]} from `ip -o -4 addr` (busybox and iproute2 agree on it)."""
+    try:
+        out = subprocess.run(["ip", "-o", "-4", "addr", "show"], capture_output=True, text=True,
+                             timeout=5).stdout
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    result: dict[str, list[str]] = {}
+    for line in out.splitlines():
+        fields = line.split()
+        if len(fields) >= 4 and "inet" in fields:
+            name = fields[1].rstrip(":").split("@")[0]
+            result.setdefault(name, []).append(fields[fields.index("inet") + 1])
+    return result
+
+
+def interfaces() -> list[dict]:
+    addrs = ipv4_addresses()
+    out = []
+    for name in interface_names():
+        try:
+            flags = int(_read(f"/sys/class/net/{name}/flags", "0"), 16)
+        except ValueError:
+            flags = 0
+        out.append({"name": name, "mac": interface_mac(name), "ipv4": addrs.get(name, []),
+                    "up": bool(flags & 0x1)})  # IFF_UP
+    return out
+
+
+def os_description() -> str:
+    text = _read(OS_FILE)
+    if text:
+        return text
+    u = os.uname()
+    return f"{u.sysname} {u.release} (python {sys.version.split()[0]})"
+
+
+def uptime_s() -> float:
+    try:
+        return float(_read("/proc/uptime", "0").split()[0])
+    except (ValueError, IndexError):
+        return time.monotonic()
+
+
+# ---------------------------------------------------------------- running commands
+
+class RunResult:
+    def __init__(self, exit_code: int, stdout: bytes, stderr: bytes, timed_out: bool, duration_s: float):
+        self.exit_code, self.stdout, self.stderr = exit_code, stdout, stderr
+        self.timed_out, self.duration_s = timed_out, duration_s
+
+    def to_json(self) -> dict:
+        return {
+            "exit_code": self.exit_code,
+            "stdout_b64": base64.b64encode(self.stdout).decode("ascii"),
+            "stderr_b64": base64.b64encode(self.stderr).decode("ascii"),
+            "timed_out": self.timed_out,
+            "duration_s": round(self.duration_s, 6),
+        }
+
+
+def run_command(argv: list[str], *, timeout_s: float, stdin: bytes | None = None,
+                env: dict[str, str] | None = None, cwd: str | None = None) -> RunResult:
+    """Run argv in its own session; on timeout SIGKILL its whole process group.
+
+    Output is collected with a selector (not communicate()) so that what was written before a
+    timeout is kept, and so that a grandchild that escaped the group and holds the pipes open
+    cannot block us for longer than EXEC_DRAIN_GRACE_S.
+    """
+    start = time.monotonic()
+    try:
+        proc = subprocess.Popen(
+            argv, stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=cwd,
+            start_new_session=True)
+    except FileNotFoundError as err:
+        return RunResult(127, b"", f"{err}\n".encode(), False, time.monotonic() - start)
+    except (PermissionError, NotADirectoryError, OSError) as err:
+        code = 126 if isinstance(err, PermissionError) else 127
+        return RunResult(code, b"", f"{err}\n".encode(), False, time.monotonic() - start)
+
+    out_fd, err_fd = proc.stdout.fileno(), proc.stderr.fileno()
+    chunks: dict[int, list[bytes]] = {out_fd: [], err_fd: []}
+    sel = selectors.DefaultSelector()
+    for f in (proc.stdout, proc.stderr):
+        os.set_blocking(f.fileno(), False)
+        sel.register(f.fileno(), selectors.EVENT_READ)
+    pending_in = memoryview(stdin or b"")
+    in_fd = proc.stdin.fileno() if stdin else -1
+    if stdin:
+        os.set_blocking(in_fd, False)
+        sel.register(in_fd, selectors.EVENT_WRITE)
+    deadline = start + timeout_s
+    timed_out = False
+    open_fds = set(chunks)
+    try:
+        while open_fds:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                if timed_out:
+                    break  # grace period over: something outside the group holds the pipes
+                timed_out = True
+                _kill_group(proc)
+                deadline = time.monotonic() + EXEC_DRAIN_GRACE_S
+                continue
+            for key, _ in sel.select(remaining):
+                fd = key.fd
+                if fd == in_fd:
+                    try:
+                        n = os.write(fd, pending_in[:65536])
+                    except BrokenPipeError:
+                        n = len(pending_in)
+                    pending_in = pending_in[n:]
+                    if not pending_in:
+                        sel.unregister(fd)
+                        proc.stdin.close()
+                    continue
+                data = os.read(fd, 1 << 16)
+                if data:
+                    chunks[fd].append(data)
+                else:
+                    sel.unregister(fd)
+                    open_fds.discard(fd)
+        # The pipes are closed (or abandoned); reap the child, killing it if it lingers.
+        remaining = max(0.0, deadline - time.monotonic())
+        try:
+            proc.wait(timeout=remaining if not timed_out else EXEC_DRAIN_GRACE_S)
+        except subprocess.TimeoutExpired:
+            timed_out = True
+            _kill_group(proc)
+            proc.wait()
+    finally:
+        sel.close()
+        for f in (proc.stdin, proc.stdout, proc.stderr):
+            if f is not None and not f.closed:
+                f.close()
+    exit_code = -9 if timed_out else proc.returncode
+    return RunResult(exit_code, b"".join(chunks[out_fd]), b"".join(chunks[err_fd]), timed_out,
+                     time.monotonic() - start)
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def busybox_applet(name: str) -> list[str] | None:
+    """[busybox, name] when busybox is installed, else [name] when it is on PATH, else None."""
+    bb = shutil.which("busybox")
+    if bb:
+        return [bb, name]
+    found = shutil.which(name)
+    return [found] if found else None
+
+
+_PING_SUMMARY = re.compile(r"(\d+) packets transmitted, (\d+) (?:packets )?received")
+_PING_RTT = re.compile(r"time=([\d.]+) ms")
+
+
+def parse_ping(output: str) -> tuple[int, int, list[float]]:
+    """(transmitted, received, rtts_ms) from busybox or iputils ping output."""
+    m = _PING_SUMMARY.search(output)
+    transmitted, received = (int(m.group(1)), int(m.group(2))) if m else (0, 0)
+    rtts = [float(x) for x in _PING_RTT.findall(output)]
+    return transmitted, received, rtts
+
+
+# ---------------------------------------------------------------- HTTP handler
+
+class BadRequest(Exception):
+    """The request is malformed; answered with 400 and the message."""
+
+
+class AgentHandler(http.server.BaseHTTPRequestHandler):
+    """Serves the driver's requests on one connection that the agent dialled.
+
+    `server` is the Agent (BaseRequestHandler only stores it). Not a socketserver: there is no
+    listening socket, the agent constructs this handler on the connected socket itself.
+    """
+
+    protocol_version = "HTTP/1.1"
+    server_version = f"vmlab-agent/{AGENT_VERSION}"
+    sys_version = ""
+
+    def parse_request(self) -> bool:
+        ok = super().parse_request()
+        if not getattr(self, "_seen_request", False):
+            self._seen_request = True
+            self.server.connection_busy(self)
+        return ok
+
+    def log_message(self, format: str, *args) -> None:  # noqa: A002 (stdlib signature)
+        pass  # one console line per request would drown the console
+
+    def log_error(self, format: str, *args) -> None:  # noqa: A002
+        self.server.log_error(format % args)
+
+    # -- plumbing
+
+    def _send_json(self, code: int, obj: dict) -> None:
+        body = json.dumps(obj, separators=(",", ":")).encode()
+        self.send_response(code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+        self.wfile.flush()
+
+    def _read_json(self) -> dict:
+        length = self.headers.get("Content-Length")
+        if length is None:
+            if self.headers.get("Transfer-Encoding"):
+                self.close_connection = True
+                raise BadRequest("chunked bodies are not supported; send Content-Length")
+            return {}
+        try:
+            n = int(length)
+        except ValueError:
+            self.close_connection = True
+            raise BadRequest(f"bad Content-Length {length!r}") from None
+        raw = self.rfile.read(n) if n else b""
+        if len(raw) != n:
+            self.close_connection = True
+            raise BadRequest("body shorter than Content-Length")
+        if not raw:
+            return {}
+        try:
+            body = json.loads(raw)
+        except ValueError as err:
+            raise BadRequest(f"body is not JSON: {err}") from None
+        if not isinstance(body, dict):
+            raise BadRequest("body must be a JSON object")
+        return body
+
+    def _dispatch(self, method: str) -> None:
+        routes = {
+            ("GET", "/status"): self.do_status,
+            ("POST", "/exec"): self.do_exec,
+            ("POST", "/ping"): self.do_ping,
+            ("POST", "/http_get"): self.do_http_get,
+        }
+        path = urllib.parse.urlsplit(self.path).path
+        handler = routes.get((method, path))
+        try:
+            body = self._read_json() if method == "POST" or self.headers.get("Content-Length") else {}
+            if handler is None:
+                known = sorted(p for m, p in routes if p == path)
+                if known:
+                    self._send_json(405, {"error": f"{method} not allowed on {path}"})
+                else:
+                    self._send_json(404, {"error": f"no endpoint {path}; have "
+                                                   + ", ".join(f"{m} {p}" for m, p in routes)})
+                return
+            self._send_json(200, handler(body))
+        except BadRequest as err:
+            self._send_json(400, {"error": str(err)})
+        except (BrokenPipeError, ConnectionError):
+            raise
+        except Exception as err:  # the driver gets the failure; the agent keeps serving
+            log(f"internal error on {method} {path}: {type(err).__name__}: {err}")
+            self._send_json(500, {"error": f"{type(err).__name__}: {err}"})
+
+    def do_GET(self) -> None:
+        self._dispatch("GET")
+
+    def do_POST(self) -> None:
+        self._dispatch("POST")
+
+    # -- endpoints
+
+    def do_status(self, body: dict) -> dict:
+        return {
+            "hostname": socket.gethostname(),
+            "version": AGENT_VERSION,
+            "uptime_s": uptime_s(),
+            "os": os_description(),
+            "interfaces": interfaces(),
+            "time": time.time(),
+        }
+
+    def do_exec(self, body: dict) -> dict:
+        argv, shell = body.get("argv"), body.get("shell")
+        if (argv is None) == (shell is None):
+            raise BadRequest('give exactly one of "argv" (list of strings) or "shell" (string)')
+        if argv is not None:
+            if not isinstance(argv, list) or not argv or not all(isinstance(a, str) for a in argv):
+                raise BadRequest('"argv" must be a non-empty list of strings')
+        else:
+            if not isinstance(shell, str):
+                raise BadRequest('"shell" must be a string')
+            argv = ["/bin/sh", "-c", shell]
+        timeout_s = _number(body, "timeout_s", EXEC_DEFAULT_TIMEOUT_S)
+        stdin = None
+        if body.get("stdin_b64") is not None:
+            try:
+                stdin = base64.b64decode(body["stdin_b64"], validate=True)
+            except (ValueError, TypeError) as err:
+                raise BadRequest(f'"stdin_b64" is not base64: {err}') from None
+        env = None
+        if body.get("env") is not None:
+            extra = body["env"]
+            if not isinstance(extra, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                                      for k, v in extra.items()):
+                raise BadRequest('"env" must map strings to strings')
+            env = {**os.environ, **extra}
+        cwd = body.get("cwd")
+        if cwd is not None and not isinstance(cwd, str):
+            raise BadRequest('"cwd" must be a string')
+        return run_command(argv, timeout_s=timeout_s, stdin=stdin, env=env, cwd=cwd).to_json()
+
+    def do_ping(self, body: dict) -> dict:
+        address = body.get("address")
+        if not isinstance(address, str) or not address or address.startswith("-"):
+            raise BadRequest('"address" must be a host name or IP address')
+        count = body.get("count", 3)
+        if not isinstance(count, int) or isinstance(count, bool) or not 1 <= count <= 1000:
+            raise BadRequest('"count" must be an integer from 1 to 1000')
+        timeout_s = _number(body, "timeout_s", 5.0)
+        # 0.2 s between echoes instead of ping's 1 s: a test waits for the answer, and the
+        # simulated network has nothing to protect from a brisker rate.
+        interval_s = _number(body, "interval_s", 0.2)
+        if not 0.01 <= interval_s <= 60:
+            raise BadRequest('"interval_s" must be between 0.01 and 60')
+        ping = busybox_applet("ping")
+        if ping is None:
+            raise RuntimeError("no busybox and no ping on PATH")
+        # busybox: -W is the wait for a reply after the last packet, -w the overall deadline.
+        deadline = max(1, int(timeout_s + 0.999))
+        deadline = max(deadline, int(interval_s * count + 0.999))
+        argv = ping + ["-c", str(count), "-i", f"{interval_s:g}", "-W", str(deadline),
+                       "-w", str(deadline), address]
+        result = run_command(argv, timeout_s=deadline + 2.0)
+        output = (result.stdout + result.stderr).decode(errors="replace")
+        transmitted, received, rtts = parse_ping(output)
+        loss = 1.0 if transmitted == 0 else round(1.0 - received / transmitted, 6)
+        return {"address": address, "transmitted": transmitted, "received": received,
+                "loss": loss, "rtts_ms": rtts, "output": output}
+
+    def do_http_get(self, body: dict) -> dict:
+        url = body.get("url")
+        if not isinstance(url, str):
+            raise BadRequest('"url" must be a string')
+        timeout_s = _number(body, "timeout_s", 10.0)
+        parts = urllib.parse.urlsplit(url)
+        if parts.scheme != "http" or not parts.hostname:
+            raise BadRequest(f"only http://HOST[:PORT]/PATH URLs are supported, got {url!r}")
+        path = parts.path or "/"
+        if parts.query:
+            path += "?" + parts.query
+        # Redirects are not followed: the test sees exactly what the server answered.
+        conn = http.client.HTTPConnection(parts.hostname, parts.port or 80, timeout=timeout_s)
+        try:
+            conn.request("GET", path, headers={"User-Agent": f"vmlab-agent/{AGENT_VERSION}"})
+            resp = conn.getresponse()
+            data = resp.read()
+            headers: dict[str, str] = {}
+            for key, value in resp.getheaders():
+                headers[key] = f"{headers[key]}, {value}" if key in headers else value
+            return {"status": resp.status, "headers": headers,
+                    "body_b64": base64.b64encode(data).decode("ascii")}
+        except (OSError, http.client.HTTPException) as err:
+            return {"error": f"{type(err).__name__}: {err}" if str(err) else type(err).__name__}
+        finally:
+            conn.close()
+
+
+def _number(body: dict, key: str, default: float) -> float:
+    value = body.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise BadRequest(f'"{key}" must be a positive number of seconds')
+    return float(value)
+
+
+# ---------------------------------------------------------------- DHCP
+
+class DhcpSupervisor:
+    """Runs one long-lived busybox udhcpc per eth* interface and restarts it if it exits.
+
+    udhcpc stays in the foreground (-f) so leases renew; it never gives up (no -n): it sends
+    3 discovers 1 s apart (-t 3 -T 1), then waits 1 s (-A 1), forever. The script it runs sets the
+    address and, for eth0 only, the default route and /etc/resolv.conf, and logs the lease.
+    """
+
+    def __init__(self, script: str = UDHCPC_SCRIPT):
+        self.script = script
+
+    def start(self) -> None:
+        udhcpc = busybox_applet("udhcpc")
+        if udhcpc is None:
+            log("dhcp: no busybox udhcpc; not configuring interfaces")
+            return
+        for name in interface_names():
+            if name.startswith("eth"):
+                threading.Thread(target=self._supervise, args=(udhcpc, name),
+                                 name=f"udhcpc-{name}", daemon=True).start()
+
+    def _supervise(self, udhcpc: list[str], name: str) -> None:
+        pidfile = f"/run/udhcpc.{name}.pid"
+        _kill_stale(pidfile, "udhcpc")  # left by a previous agent that /init restarted
+        ip = busybox_applet("ip") or ["ip"]
+        subprocess.run(ip + ["link", "set", name, "up"], capture_output=True)
+        while True:
+            argv = udhcpc + ["-f", "-i", name, "-s", self.script, "-p", pidfile,
+                             "-t", "3", "-T", "1", "-A", "1"]
+            try:
+                proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                        stderr=subprocess.DEVNULL)
+            except OSError as err:
+                log(f"dhcp: cannot start udhcpc on {name}: {err}")
+                return
+            code = proc.wait()
+            log(f"dhcp: udhcpc on {name} exited with code {code}; restarting")
+            time.sleep(1.0)
+
+
+def _kill_stale(pidfile: str, comm: str) -> None:
+    try:
+        pid = int(_read(pidfile, "0"))
+    except ValueError:
+        return
+    if pid > 0 and _read(f"/proc/{pid}/comm") == comm:
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except OSError:
+            pass
+
+
+# ---------------------------------------------------------------- connections to the driver
+
+class Agent:
+    """Keeps IDLE_CONNECTIONS dialled, idle connections to the driver and serves each one.
+
+    Counters, all guarded by `_cond`:
+      `_idle`     connections being dialled or connected with no request yet
+      `_total`    every connection that exists (dialling, idle or busy)
+      `_live`     connections that are connected (idle or busy)
+      `_failures` dials in a row that failed, or connections that closed before their first
+                  request (a peer that is not the driver); sets the shared backoff, and is reset
+                  by the first request on any connection
+    """
+
+    def __init__(self, config: Config):
+        self.config = config
+        self._cond = threading.Condition()
+        self._idle = 0
+        self._total = 0
+        self._live = 0
+        self._failures = 0
+        self._conn_ids = 0
+        self._generation = 0  # bumped by set_driver: dialers restart at once
+        self._sockets: set[socket.socket] = set()
+        self._last_log: dict[str, float] = {}
+
+    # -- public
+
+    def run_forever(self) -> None:
+        """Dial and serve until the process is killed."""
+        with self._cond:
+            while True:
+                while self._idle < IDLE_CONNECTIONS and self._total < MAX_CONNECTIONS:
+                    self._idle += 1
+                    self._total += 1
+                    threading.Thread(target=self._connection, name="conn", daemon=True).start()
+                self._cond.wait()
+
+    def set_driver(self, driver: tuple[str, int]) -> None:
+        """Switch to a new driver address: drop every connection and dial the new one at once."""
+        with self._cond:
+            self.config.driver = driver
+            self._generation += 1
+            self._failures = 0
+            sockets = list(self._sockets)
+            self._cond.notify_all()
+        for sock in sockets:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def connection_busy(self, handler: AgentHandler) -> None:
+        """Called by the handler on its connection's first request: dial a replacement."""
+        with self._cond:
+            self._idle -= 1
+            self._failures = 0
+            self._cond.notify_all()
+
+    # -- one connection's life
+
+    def _connection(self) -> None:
+        state = {"busy": False}
+        try:
+            sock = self._dial()
+            try:
+                self._serve(sock, state)
+            finally:
+                with self._cond:
+                    self._sockets.discard(sock)
+                    self._live -= 1
+                    if not state["busy"]:
+                        self._failures += 1
+                    if self._live == 0 and self._log_throttled(
+                            "lost", "lost all connections to the driver; redialling"):
+                        self._last_log.pop("connected", None)  # announce the next success
+                sock.close()
+        except Exception as err:  # never let a connection thread die silently
+            log(f"connection error: {type(err).__name__}: {err}")
+        finally:
+            with self._cond:
+                self._total -= 1
+                if not state["busy"]:
+                    self._idle -= 1
+                self._cond.notify_all()
+
+    def _backoff(self) -> None:
+        """Wait BACKOFF_START_S doubling per failure up to BACKOFF_CAP_S; set_driver cuts it short."""
+        with self._cond:
+            if self._failures == 0:
+                return
+            delay = min(BACKOFF_START_S * 2 ** (self._failures - 1), BACKOFF_CAP_S)
+            generation = self._generation
+            self._cond.wait_for(lambda: self._generation != generation, timeout=delay)
+
+    def _dial(self) -> socket.socket:
+        while True:
+            self._backoff()
+            with self._cond:
+                host, port = self.config.driver
+                self._conn_ids += 1
+                conn_id = self._conn_ids
+            try:
+                sock = socket.create_connection((host, port), timeout=CONNECT_TIMEOUT_S)
+            except OSError as err:
+                self._dial_failed(host, port, err)
+                continue
+            try:
+                sock.settimeout(None)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                _enable_keepalive(sock)
+                hello = {"mac": primary_mac(), "hostname": self.config.hostname,
+                         "version": AGENT_VERSION, "conn_id": conn_id}
+                sock.sendall((HELLO_PREFIX + json.dumps(hello, separators=(",", ":")) + "\n").encode())
+            except OSError as err:
+                sock.close()
+                self._dial_failed(host, port, err)
+                continue
+            with self._cond:
+                self._sockets.add(sock)
+                self._live += 1
+                if self._live == 1:
+                    self._log_throttled("connected", f"connected to driver {host}:{port}")
+            return sock
+
+    def _dial_failed(self, host: str, port: int, err: OSError) -> None:
+        with self._cond:
+            self._failures += 1
+            if self._log_throttled("failure", f"cannot reach driver {host}:{port}: {err.strerror or err}; retrying"):
+                self._last_log.pop("connected", None)  # announce the next success
+
+    def _serve(self, sock: socket.socket, state: dict) -> None:
+        agent = self
+
+        class _Context:
+            # What the handler calls back; records that this connection became busy.
+            def connection_busy(self, handler: AgentHandler) -> None:
+                state["busy"] = True
+                agent.connection_busy(handler)
+
+            def log_error(self, message: str) -> None:
+                with agent._cond:
+                    agent._log_throttled("http", f"http: {message}")
+
+        try:
+            AgentHandler(sock, self.config.driver, _Context())
+        except (ConnectionError, OSError):
+            pass  # the driver went away; the finally in _connection accounts for it
+
+    def _log_throttled(self, kind: str, message: str) -> bool:
+        """Log unless a line of the same kind went out in the last FAILURE_LOG_INTERVAL_S.
+
+        Called with `_cond` held. Returns whether the line was logged.
+        """
+        now = time.monotonic()
+        last = self._last_log.get(kind)
+        if last is not None and now - last < FAILURE_LOG_INTERVAL_S:
+            return False
+        self._last_log[kind] = now
+        log(message)
+        return True
+
+
+def _enable_keepalive(sock: socket.socket) -> None:
+    """Notice a driver that vanished without a FIN (e.g. the host side of a restored snapshot)."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    for name, value in (("TCP_KEEPIDLE", 10), ("TCP_KEEPINTVL", 5), ("TCP_KEEPCNT", 3)):
+        if hasattr(socket, name):
+            sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, name), value)
+
+
+def main(argv: list[str] | None = None) -> int:
+    config = Config.from_args(argv)
+    log(f"version {AGENT_VERSION} starting as {config.hostname!r}, "
+        f"driver {config.driver[0]}:{config.driver[1]}")
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    if config.dhcp:
+        DhcpSupervisor().start()
+    Agent(config).run_forever()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,75 @@
+"""The image cache: where built images live, how they are published, and the digest rule.
+
+Layout under `vmlab.paths.cache_root()`:
+    debs/                               downloaded .deb files, shared by all images
+    images/<name>-<digest12>/           one finished image: its files plus image.json
+    images/<name>.resolved.json         the package set last resolved for a recipe key
+    images/.build-<name>-XXXX/          a build in progress (never read; removed on failure)
+
+An entry is built in a temporary directory beside its final place and published with one
+atomic rename, so a half-written entry is never used. Publishing removes older entries of the
+same image.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+
+from ..paths import cache_root, ensure_writable_dir
+
+__all__ = ["images_dir", "debs_dir", "digest_of", "entry_dir", "building", "publish", "remove_stale"]
+
+
+def images_dir() -> Path:
+    return ensure_writable_dir(cache_root() / "images", "image cache")
+
+
+def debs_dir() -> Path:
+    return ensure_writable_dir(cache_root() / "debs", "package cache")
+
+
+def digest_of(inputs: object) -> str:
+    """sha256 of a JSON-able structure, serialised canonically (sorted keys, no spaces)."""
+    blob = json.dumps(inputs, sort_keys=True, separators=(",", ":")).encode()
+    return hashlib.sha256(blob).hexdigest()
+
+
+def entry_dir(name: str, digest: str) -> Path:
+    return cache_root() / "images" / f"{name}-{digest[:12]}"
+
+
+@contextmanager
+def building(name: str):
+    """A fresh temporary directory inside the image cache, removed unless published."""
+    tmp = Path(tempfile.mkdtemp(prefix=f".build-{name}-", dir=images_dir()))
+    try:
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def publish(tmp: Path, name: str, digest: str) -> Path:
+    """Atomically rename a finished build to its entry, then remove older entries of `name`."""
+    final = entry_dir(name, digest)
+    out = tmp / "entry"
+    try:
+        os.rename(out, final)
+    except OSError:
+        if not (final / "image.json").exists():  # someone else published the same digest: fine
+            raise
+    remove_stale(name, keep=final)
+    return final
+
+
+def remove_stale(name: str, keep: Path) -> None:
+    root = cache_root() / "images"
+    for path in root.glob(f"{name}-*"):
+        # <name>-<12 hex>, and not a longer image name that happens to share the prefix.
+        suffix = path.name[len(name) + 1:]
+        if path != keep and path.is_dir() and len(suffix) == 12 and all(c in "0123456789abcdef" for c in suffix):
+            shutil.rmtree(path, ignore_errors=True)

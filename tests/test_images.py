@@ -1,0 +1,224 @@
+"""Images: the appliance recipe, its digest rule and cache, and (marked vm) a real boot.
+
+The first run builds the appliance into the default cache root (a few seconds plus the package
+download); later runs are served from the cache.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from vmlab.errors import ConfigError
+from vmlab.images import BuiltImage, ImageKind, _table, appliance, debs, ensure_image, list_images
+from vmlab.images.elf import ElfFile
+
+needs_apt = pytest.mark.skipif(not shutil.which("apt-get") or not shutil.which("lz4"),
+                               reason="building the appliance needs apt-get and lz4 (apt-get install lz4)")
+
+
+@pytest.fixture(scope="module")
+def image() -> BuiltImage:
+    if not shutil.which("apt-get") or not shutil.which("lz4"):
+        pytest.skip("building the appliance needs apt-get and lz4 (apt-get install lz4)")
+    return ensure_image("appliance", progress=lambda *a: None)
+
+
+def test_unknown_image_lists_known_names():
+    with pytest.raises(ConfigError, match="appliance"):
+        ensure_image("no-such-image")
+
+
+def test_registry_rejects_duplicates():
+    kind = ImageKind("x", "test", lambda **kw: None)
+    with pytest.raises(ValueError, match="twice"):
+        _table(kind, kind)
+    assert "appliance" in [k.name for k in list_images()]
+
+
+@needs_apt
+def test_appliance_is_cached_and_stable(image, monkeypatch):
+    def forbidden(*args, **kwargs):
+        raise AssertionError("a cached ensure_image() ran a command")
+
+    monkeypatch.setattr(subprocess, "run", forbidden)
+    monkeypatch.setattr(subprocess, "Popen", forbidden)
+    t0 = time.monotonic()
+    again = ensure_image("appliance", progress=lambda *a: None)
+    print(f"cached ensure_image: {1000 * (time.monotonic() - t0):.1f} ms")
+    assert again == image
+    assert re.fullmatch(r"[0-9a-f]{64}", image.digest)
+    assert image.kernel.exists() and image.initrd.exists()
+    assert image.initrd.read_bytes()[:6] == b"070701"  # uncompressed newc cpio
+    assert "console=ttyS0" in image.kernel_args and image.memory_mb == 256
+    assert image.os.startswith("Debian 12 appliance (kernel 6.1.0-")
+
+
+@needs_apt
+def test_kernel_is_pvh_bootable(image):
+    assert ElfFile.read(image.kernel).has_pvh_note()
+
+
+@needs_apt
+def test_modules_follow_their_dependencies(image):
+    meta = json.loads((image.kernel.parent / "image.json").read_text())
+    order = meta["modules"]
+    for before, after in [("virtio_ring", "virtio"), ("virtio", "virtio_pci"), ("net_failover", "virtio_net"),
+                          ("failover", "net_failover"), ("vsock", "vmw_vsock_virtio_transport_common"),
+                          ("vmw_vsock_virtio_transport_common", "vmw_vsock_virtio_transport")]:
+        assert order.index(before) < order.index(after), order
+    assert "virtio_console" in order
+
+
+def test_digest_follows_every_input(monkeypatch):
+    sources = appliance.agent_sources()
+    key = appliance.recipe_key(sources)
+    assert appliance.recipe_key(dict(sources)) == key  # deterministic
+    one_more_byte = dict(sources, **{"agent.py": sources["agent.py"] + b"\n"})
+    assert appliance.recipe_key(one_more_byte) != key
+    assert appliance.recipe_key(dict(sources, **{"init.sh": sources["init.sh"] + b" "})) != key
+    assert appliance.recipe_key(sources, kernel_args=appliance.KERNEL_ARGS + " x") != key
+    monkeypatch.setattr(appliance, "RECIPE_VERSION", appliance.RECIPE_VERSION + 1)
+    assert appliance.recipe_key(sources) != key
+    packages = {"libc6": {"version": "2.36-9", "sha256": "00" * 32}}
+    newer = {"libc6": {"version": "2.36-10", "sha256": "00" * 32}}
+    other_file = {"libc6": {"version": "2.36-9", "sha256": "11" * 32}}
+    digests = {appliance.image_digest(key, p) for p in (packages, newer, other_file)}
+    assert len(digests) == 3
+
+
+@needs_apt
+def test_changed_agent_builds_a_new_entry(image, tmp_path, monkeypatch):
+    """A changed input gives a new digest and entry; the old entry of that cache is removed."""
+    monkeypatch.setenv("VMLAB_CACHE", str(tmp_path))
+    # Share the downloaded packages with the default cache instead of fetching them again.
+    default_debs = Path(os.path.expanduser("~/.cache/vmlab/debs"))
+    if os.environ.get("XDG_CACHE_HOME"):
+        default_debs = Path(os.environ["XDG_CACHE_HOME"]) / "vmlab/debs"
+    if default_debs.is_dir():
+        (tmp_path / "debs").mkdir()
+        for deb in default_debs.glob("*.deb"):
+            os.link(deb, tmp_path / "debs" / deb.name) if deb.stat().st_dev == tmp_path.stat().st_dev \
+                else shutil.copy(deb, tmp_path / "debs" / deb.name)
+    first = ensure_image("appliance", progress=lambda *a: None)
+    assert first.digest == image.digest  # same inputs, same digest, in another cache
+    real = appliance.agent_sources()
+    monkeypatch.setattr(appliance, "agent_sources",
+                        lambda: dict(real, **{"agent.py": real["agent.py"] + b"\n# one more\n"}))
+    second = ensure_image("appliance", progress=lambda *a: None)
+    assert second.digest != first.digest
+    assert second.initrd.exists() and not first.initrd.exists()  # the stale entry is gone
+
+
+def test_missing_apt_lists_name_the_fix(monkeypatch):
+    class Result:
+        returncode, stderr = 0, ""
+        stdout = "busybox-static:\n  Installed: (none)\n  Candidate: (none)\n"
+
+    monkeypatch.setattr(debs, "_tool", lambda name: name)
+    monkeypatch.setattr(debs.subprocess, "run", lambda *a, **k: Result())
+    from vmlab.errors import ImageBuildError
+    with pytest.raises(ImageBuildError, match="apt-get update"):
+        debs.resolve_candidates(["busybox-static"])
+
+
+# ---------------------------------------------------------------- boot
+
+_RELAY = r"""
+import selectors, socket, sys
+# QEMU's guestfwd cmd: stdin/stdout are the guest's TCP connection; relay it to the test driver.
+up = socket.create_connection(("127.0.0.1", int(sys.argv[1])))
+guest = socket.socket(fileno=0)
+sel = selectors.DefaultSelector()
+sel.register(guest, selectors.EVENT_READ, up)
+sel.register(up, selectors.EVENT_READ, guest)
+while True:
+    for key, _ in sel.select():
+        data = key.fileobj.recv(65536)
+        if not data:
+            sys.exit(0)
+        key.data.sendall(data)
+"""
+
+
+def _first_status(server: socket.socket, result: dict) -> None:
+    """Accept one agent connection, read its hello, ask GET /status."""
+    try:
+        conn, _ = server.accept()
+        f = conn.makefile("rwb")
+        hello = f.readline()
+        result["hello_at"] = time.monotonic()
+        result["hello"] = json.loads(hello.split(b" ", 2)[2])
+        f.write(b"GET /status HTTP/1.1\r\nHost: agent\r\nContent-Length: 0\r\n\r\n")
+        f.flush()
+        assert f.readline().startswith(b"HTTP/1.1 200")
+        length = 0
+        while (line := f.readline()) not in (b"\r\n", b""):
+            if line.lower().startswith(b"content-length:"):
+                length = int(line.split(b":")[1])
+        result["status"] = json.loads(f.read(length))
+        result["status_at"] = time.monotonic()
+        conn.close()
+    except Exception as err:  # reported by the test thread
+        result["error"] = err
+
+
+@pytest.mark.vm
+def test_appliance_boots_to_agent(image, tmp_path):
+    qemu = shutil.which("qemu-system-x86_64")
+    if qemu is None:
+        pytest.skip("needs qemu-system-x86_64 (apt-get install qemu-system-x86)")
+    server = socket.create_server(("127.0.0.1", 0))
+    server.settimeout(90)
+    relay = tmp_path / "relay.py"
+    relay.write_text(_RELAY)
+    result: dict = {}
+    threading.Thread(target=_first_status, args=(server, result), daemon=True).start()
+    console = tmp_path / "console.log"
+    # restrict=on: the guest reaches only slirp's DHCP/DNS and the guestfwd driver address.
+    netdev = (f"user,id=n0,restrict=on,guestfwd=tcp:10.0.2.100:8008-cmd:{sys.executable} {relay} "
+              f"{server.getsockname()[1]}")
+    argv = [qemu, "-accel", "tcg", "-machine", "pc", "-m", str(image.memory_mb), "-nodefaults",
+            "-no-user-config", "-display", "none", "-no-reboot", "-serial", f"file:{console}",
+            "-kernel", str(image.kernel), "-initrd", str(image.initrd),
+            "-append", f"{image.kernel_args} vmlab.hostname=bootie vmlab.driver=10.0.2.100:8008",
+            "-device", "virtio-net-pci,netdev=n0,mac=52:cc:cc:cc:00:01,romfile=", "-netdev", netdev]
+    t0 = time.monotonic()
+    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    marks: dict[str, float] = {}
+    try:
+        deadline = t0 + 90
+        while time.monotonic() < deadline and "status" not in result and "error" not in result:
+            text = console.read_text(errors="replace") if console.exists() else ""
+            for marker in ("vmlab-init: starting agent", "vmlab-agent: eth0 bound"):
+                if marker in text and marker not in marks:
+                    marks[marker] = time.monotonic() - t0
+            if proc.poll() is not None:
+                pytest.fail(f"QEMU exited {proc.returncode}: {proc.stdout.read().decode()}\n{text}")
+            time.sleep(0.02)
+        text = console.read_text(errors="replace")
+        assert "error" not in result, f"{result['error']!r}\n{text}"
+        assert "status" in result, f"no agent answered within 90 s; console:\n{text}"
+        # restrict=on makes slirp offer no router, hence "via none".
+        assert "vmlab-agent: eth0 bound 10.0.2.15/24 via none" in text
+        assert result["hello"]["mac"] == "52:cc:cc:cc:00:01"
+        assert result["hello"]["hostname"] == "bootie"
+        status = result["status"]
+        eth0 = next(i for i in status["interfaces"] if i["name"] == "eth0")
+        assert eth0["ipv4"] == ["10.0.2.15/24"] and eth0["up"]
+        assert status["os"] == image.os
+        print(f"\nboot timings (s from QEMU start): " + ", ".join(f"{k!r} {v:.2f}" for k, v in marks.items())
+              + f", hello {result['hello_at'] - t0:.2f}, /status answered {result['status_at'] - t0:.2f}")
+    finally:
+        proc.kill()
+        proc.wait(10)
+        server.close()
