@@ -8,8 +8,17 @@ cd "$(dirname "$0")/.."
 need_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
 
 # qemu-system-x86/qemu-utils: the hypervisor; lz4, cpio: unpacking the kernel and packing the
-# initramfs; busybox: host-side agent tests use its ping; python3-venv: the virtualenv.
-packages=(qemu-system-x86 qemu-utils lz4 cpio busybox python3-venv ca-certificates)
+# initramfs; busybox: host-side agent tests use its ping; python3-venv: the virtualenv;
+# chromium: the dashboard's browser test drives it headless through Playwright (Playwright's
+# own browser download is not used: it needs a host outside the package registries).
+# stun-client, natpmpc, miniupnpc: STUN, NAT-PMP and UPnP clients that vmlab did not write, which
+# tests/test_vm_nat.py copies into guests to check vnet's NAT behaviours and port mapping.
+# debootstrap: builds the `debian` image (a systemd Debian on a qcow2 disk; as root);
+# openssh-client: snapshot preparation logs into disk images over SSH to install the agent;
+# e2fsprogs: mkfs.ext4 -d makes the debian image's root filesystem.
+# tshark: the pcap tests read vnet's pcapng captures with Wireshark's own dissectors.
+packages=(qemu-system-x86 qemu-utils lz4 cpio busybox python3-venv ca-certificates chromium
+          stun-client natpmpc miniupnpc debootstrap openssh-client e2fsprogs tshark)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

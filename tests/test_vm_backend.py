@@ -81,7 +81,9 @@ def test_argv_two_nics():
         assert flag in argv
     assert _opt(argv, "-display") == ["none"]
     assert _opt(argv, "-kernel") == ["/c/vmlinux"] and _opt(argv, "-initrd") == ["/c/a.cpio"]
-    assert _opt(argv, "-append") == ["console=ttyS0 quiet vmlab.node=alice"]
+    # tty0 for the dashboard's screen, ttyS0 last so /dev/console stays the serial port
+    assert _opt(argv, "-append") == ["console=tty0 console=ttyS0 quiet vmlab.node=alice"]
+    assert _opt(argv, "-vga") == ["std"]
     assert _opt(argv, "-chardev") == ["file,id=console,path=/tmp/vmlab/run/alice/console.log"]
     assert _opt(argv, "-serial") == ["chardev:console"]
     assert _opt(argv, "-qmp") == ["unix:/tmp/vmlab/run/alice/qmp.sock,server=on,wait=off"]
@@ -102,6 +104,18 @@ def test_argv_kvm_uses_host_cpu_and_options():
     assert _opt(argv, "-accel") == ["kvm"] and _opt(argv, "-cpu") == ["host"]
     assert _opt(argv, "-m") == ["512"] and _opt(argv, "-smp") == ["2"]
     assert "-S" in argv and argv[-2:] == ["-incoming", "defer"]
+
+
+def test_argv_without_display():
+    argv = build_argv(_two_nic_cfg(vga=False))
+    assert "-vga" not in argv
+    assert _opt(argv, "-append") == ["console=ttyS0 quiet vmlab.node=alice"]
+
+
+def test_argv_display_leaves_a_command_line_without_serial_console_alone():
+    # console=tty0 alone would make the screen /dev/console and empty console.log
+    argv = build_argv(_two_nic_cfg(kernel_args="quiet"))
+    assert _opt(argv, "-append") == ["quiet vmlab.node=alice"] and _opt(argv, "-vga") == ["std"]
 
 
 def test_argv_without_kernel():

@@ -61,7 +61,8 @@ def test_whole_dhcp_exchange_gives_deterministic_address():
     assert yiaddr == IP("192.168.1.101")
     assert opts[53] == bytes([OFFER])
     assert opts[1] == IP("255.255.255.0").packed
-    assert opts[3] == IP("192.168.1.1").packed and opts[6] == IP("192.168.1.1").packed
+    # DNS is vnet's resolver VIP, not the gateway (the gateway serves no DNS).
+    assert opts[3] == IP("192.168.1.1").packed and opts[6] == IP("52.52.0.53").packed
     assert opts[54] == IP("192.168.1.1").packed
     out = w.send(w.a, dhcp_message(A_MAC, 3, xid=7, requested="192.168.1.101",
                                    server="192.168.1.1"))
@@ -293,3 +294,17 @@ def test_tcp_to_vip_port_without_listener_is_reset():
     assert len(out) == 1
     _eth, ip, rst = decode(out[0][1])
     assert ip.src == TEST_DRIVER_IPV4 and rst.flags & TcpFlags.RST and rst.ack == 6
+
+
+def test_udp_to_closed_gateway_port_gets_port_unreachable():
+    # A resolver pointed at the gateway must fail at once, not wait out its timeouts
+    # (python's http.server does a reverse lookup before it listens).
+    w = World()
+    w.lease_all()
+    query = udp_frame(A_MAC, router_mac(1), "192.168.1.101", "192.168.1.1", 5353, 53, b"q")
+    out = w.send(w.a, query)
+    assert len(out) == 1 and out[0][0] is w.a
+    _eth, ip, _ = decode(out[0][1])
+    assert ip.proto == F.PROTO_ICMP and ip.src == IP("192.168.1.1")
+    assert ip.payload[:2] == bytes([3, 3]) and F.checksum(ip.payload) == 0
+    assert ip.payload[8:28] == query[14:34]  # quotes the original IP header

@@ -13,17 +13,20 @@ from .errors import VmlabError
 
 def _cmd_demo(args) -> int:
     from .demo import run_demo
-    return run_demo(image=args.image)
+    images = [i.strip() for i in (args.images or args.image).split(",") if i.strip()]
+    return run_demo(images=images, web=args.web, web_keep=args.web_keep)
 
 
 def _cmd_image_build(args) -> int:
     from .images import ensure_image, list_images
-    names = args.names or [kind.name for kind in list_images()]
+    # `cloud` needs a URL and sha256, so "all" means every kind that builds from nothing.
+    names = args.names or [kind.name for kind in list_images() if kind.name != "cloud"]
     for name in names:
         t0 = time.monotonic()
         img = ensure_image(name, force=args.force)
         print(f"{name}: {img.digest[:12]} in {time.monotonic() - t0:.1f} s "
-              f"(kernel {img.kernel}, initrd {img.initrd})")
+              f"(kernel {img.kernel}, initrd {img.initrd}"
+              + (f", disk {img.disk}" if img.disk else "") + ")")
     return 0
 
 
@@ -32,6 +35,38 @@ def _cmd_image_ls(args) -> int:
     for kind in list_images():
         print(f"{kind.name:12} {kind.description}")
     return 0
+
+
+def _cmd_snapshot_ls(args) -> int:
+    from .snapshot.cache import list_entries, snapshots_dir
+    entries = list_entries()
+    print(f"{snapshots_dir()}: {len(entries)} entr{'y' if len(entries) == 1 else 'ies'}")
+    for entry, meta, problem in entries:
+        used = meta.get("ram_used_bytes", 0) >> 20
+        print(f"{entry.key:48} {meta.get('os', '?')[:40]:40} RAM {used:4d} MB used  "
+              f"prepared in {meta.get('prepare_s', '?')} s  "
+              f"{'OK' if problem is None else 'BROKEN: ' + problem}")
+    return 0
+
+
+def _cmd_snapshot_prune(args) -> int:
+    from .snapshot.cache import prune
+    removed = prune(all_entries=args.all)
+    for name in removed:
+        print(f"removed {name}")
+    print(f"{len(removed)} removed")
+    return 0
+
+
+def _cmd_bench_boot(args) -> int:
+    from .bench.boot import run_boot_bench
+    return run_boot_bench(restores=args.restores, big=args.nodes)
+
+
+def _cmd_bench_vnet(args) -> int:
+    from .bench.vnet import main
+    return main(frames=args.frames, vm=not args.no_vm, megabytes=args.megabytes,
+                profile=args.profile)
 
 
 def _cmd_doctor(args) -> int:
@@ -54,7 +89,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-v", "--verbose", action="count", default=0)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("demo", help="boot three VMs on a simulated NAT'd internet and check it")
-    p.add_argument("--image", default="appliance")
+    p.add_argument("--image", default="appliance", help="the image of every node")
+    p.add_argument("--images", default=None, metavar="A,B",
+                   help="mixed OSes: nodes take these images in turn (e.g. appliance,debian); "
+                        "with debian, an agent-less debian node is added and reached by lan_ping")
+    p.add_argument("--web", nargs="?", const="", default=None, metavar="ADDR",
+                   help="serve a live dashboard (default 127.0.0.1, port derived from the name)")
+    p.add_argument("--web-keep", action="store_true",
+                   help="keep the dashboard up after the demo until Ctrl-C")
     p.set_defaults(func=_cmd_demo)
     img = sub.add_parser("image", help="build or list guest images").add_subparsers(
         dest="image_command", required=True)
@@ -64,6 +106,25 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=_cmd_image_build)
     p = img.add_parser("ls", help="list known images")
     p.set_defaults(func=_cmd_image_ls)
+    snap = sub.add_parser("snapshot", help="list or prune cached snapshots").add_subparsers(
+        dest="snapshot_command", required=True)
+    p = snap.add_parser("ls", help="list snapshot cache entries")
+    p.set_defaults(func=_cmd_snapshot_ls)
+    p = snap.add_parser("prune", help="remove broken entries and leftovers")
+    p.add_argument("--all", action="store_true", help="remove every entry")
+    p.set_defaults(func=_cmd_snapshot_prune)
+    bench = sub.add_parser("bench", help="benchmarks that print figures").add_subparsers(
+        dest="bench_command", required=True)
+    p = bench.add_parser("boot", help="cold boot vs snapshot restore, Env.start, memory per node")
+    p.add_argument("--restores", type=int, default=5, help="single-node restores to time")
+    p.add_argument("--nodes", type=int, default=10, help="nodes in the large Env.start")
+    p.set_defaults(func=_cmd_bench_boot)
+    p = bench.add_parser("vnet", help="vnet frames/s on synthetic frames; guest TCP across NATs")
+    p.add_argument("--frames", type=int, default=200_000, help="synthetic frames per path")
+    p.add_argument("--megabytes", type=int, default=16, help="MiB the guests transfer")
+    p.add_argument("--no-vm", action="store_true", help="synthetic frames only (no guests)")
+    p.add_argument("--profile", action="store_true", help="print a cProfile of the frame path")
+    p.set_defaults(func=_cmd_bench_vnet)
     p = sub.add_parser("doctor", help="check QEMU, the cache and the accelerator")
     p.set_defaults(func=_cmd_doctor)
     args = parser.parse_args(argv)

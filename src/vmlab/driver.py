@@ -51,6 +51,8 @@ class Driver:
     def __init__(self) -> None:
         self._pools: dict[str, _Pool] = {}
         self.on_connect = lambda mac, hello: None
+        #: called with the MAC when a connected agent's last connection closes
+        self.on_disconnect = lambda mac: None
 
     def _pool(self, mac: str) -> _Pool:
         mac = mac.lower()
@@ -90,6 +92,8 @@ class Driver:
             log.info("agent %s (%s) connected from %s via %s", hello.mac, hello.hostname,
                      stream.remote[0], router.name)
             self.on_connect(hello.mac, hello)
+        elif pool.connections == 1:  # back after all its connections had closed
+            self.on_connect(hello.mac, hello)
         async with pool.cond:
             pool.idle.append(stream)
             pool.cond.notify_all()
@@ -97,6 +101,8 @@ class Driver:
         # runtime's cleanup (which closes the stream) does not run early.
         await stream.wait_closed()
         pool.connections -= 1
+        if pool.connections == 0:
+            self.on_disconnect(hello.mac)
 
     async def wait_connected(self, mac: str) -> AgentHello:
         pool = self._pool(mac)

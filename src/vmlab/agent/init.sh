@@ -12,6 +12,17 @@ mount -t devpts devpts /dev/pts
 mount -t tmpfs -o mode=1777 tmpfs /tmp
 mount -t tmpfs -o mode=0755 tmpfs /run
 
+# With a VGA device (PCI class 0x0300), mirror what this script and the agent print onto the
+# screen too (screen.py says why the kernel cannot), so the dashboard's screenshots show the
+# guest's own lines; screen.py copies everything to the serial port (/dev/console, the host's
+# console.log) first.
+if cat /sys/bus/pci/devices/*/class 2>/dev/null | grep -q '^0x0300'; then
+  mkfifo /run/console.fifo
+  # `cat` takes over should screen.py ever fail: this pipe must always have a reader.
+  { python3 -u /vmlab/screen.py || exec cat; } < /run/console.fifo > /dev/console 2>&1 &
+  exec > /run/console.fifo 2>&1
+fi
+
 # One module per line, dependencies first (the image builder derives the order from each
 # module's depends= field).
 while read -r m; do

@@ -18,7 +18,7 @@ from typing import Callable, Optional
 
 from ..errors import ConfigError
 
-__all__ = ["BuiltImage", "ImageKind", "ensure_image", "list_images"]
+__all__ = ["BuiltImage", "ImageKind", "ImageSpec", "as_spec", "ensure_image", "list_images"]
 
 # progress(message, done, total): done/total are None when the step has no count.
 Progress = Callable[[str, Optional[int], Optional[int]], None]
@@ -28,17 +28,28 @@ Progress = Callable[[str, Optional[int], Optional[int]], None]
 class BuiltImage:
     """A finished image in the cache.
 
-    `kernel` is an uncompressed PVH-bootable vmlinux (QEMU `-kernel`), `initrd` an uncompressed
-    newc cpio, `kernel_args` the command line to boot them with (add `vmlab.hostname=NAME`,
+    `kernel` is an uncompressed PVH-bootable vmlinux (QEMU `-kernel`; None for a cloud image,
+    which boots its own bootloader from `disk`), `initrd` an uncompressed newc cpio,
+    `kernel_args` the command line to boot them with (add `vmlab.hostname=NAME`,
     `vmlab.driver=IP:PORT` as needed). `digest` is a hex sha256 over every input of the image.
     """
     name: str
     digest: str
-    kernel: Path
-    initrd: Path
+    kernel: Path | None
+    initrd: Path | None
     kernel_args: str
     os: str
     memory_mb: int = 256
+    #: the image's root disk (qcow2), or None for an image that lives in its initramfs;
+    #: never written to: snapshots and nodes put their own qcow2 overlays on top of it
+    disk: Path | None = None
+    #: private key whose public half the guest's root accepts (disk images; snapshot
+    #: preparation logs in with it to install the agent)
+    ssh_key: Path | None = None
+    #: the image kind (`appliance`, `debian`, `cloud`); `name` may carry a variant suffix
+    kind: str = ""
+    #: a NoCloud seed (cloud-init's `cidata` ISO) attached read-only next to the disk
+    seed: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -47,11 +58,75 @@ class ImageKind:
     name: str
     description: str
     ensure: Callable[..., BuiltImage]  # ensure(*, force: bool, progress: Progress | None)
+    #: boots from a qcow2 disk, gets its agent installed over SSH at snapshot preparation
+    disk: bool = False
+
+
+@dataclass(frozen=True)
+class ImageSpec:
+    """An image with options: `ImageSpec("debian", packages=("curl",))` or
+    `ImageSpec("cloud", url="https://.../x.qcow2", sha256="...")`. A plain name is the same
+    as `ImageSpec(name)`. `name` is the cache name: the kind plus a suffix per variant."""
+    kind: str
+    packages: tuple[str, ...] = ()
+    url: str | None = None
+    sha256: str | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "packages", tuple(sorted(set(self.packages))))
+        kind = _KINDS.get(self.kind)
+        if kind is None:
+            raise ConfigError(f"unknown image {self.kind!r}; known images: {', '.join(_KINDS)}")
+        if self.packages and self.kind != "debian":
+            raise ConfigError(f"image {self.kind!r} takes no packages; only 'debian' installs "
+                              f"extra Debian packages (or provision the node)")
+        if (self.url or self.sha256) and self.kind != "cloud":
+            raise ConfigError(f"image {self.kind!r} takes no url/sha256; use ImageSpec('cloud', ...)")
+        if self.kind == "cloud" and not (self.url and self.sha256):
+            raise ConfigError("image 'cloud' needs url= (https:// or file://) and sha256= of "
+                              "the qcow2: ImageSpec('cloud', url=..., sha256=...)")
+
+    @property
+    def name(self) -> str:
+        if self.kind == "debian" and self.packages:
+            from .debian import image_name
+            return image_name(self.packages)
+        if self.kind == "cloud":
+            return f"cloud+{self.sha256.lower()[:12]}"
+        return self.kind
+
+    @property
+    def disk(self) -> bool:
+        return _KINDS[self.kind].disk
+
+    def options(self) -> dict:
+        if self.kind == "debian":
+            return {"packages": self.packages}
+        if self.kind == "cloud":
+            return {"url": self.url, "sha256": self.sha256}
+        return {}
+
+
+def as_spec(image: "str | ImageSpec") -> ImageSpec:
+    """`image` as an ImageSpec (a name becomes the kind's plain spec)."""
+    return image if isinstance(image, ImageSpec) else ImageSpec(image)
 
 
 def _ensure_appliance(*, force: bool = False, progress: Progress | None = None) -> BuiltImage:
     from . import appliance  # imported lazily: building needs nothing until it is asked for
     return appliance.ensure(force=force, progress=progress)
+
+
+def _ensure_debian(*, force: bool = False, progress: Progress | None = None,
+                   packages: tuple[str, ...] = ()) -> BuiltImage:
+    from . import debian
+    return debian.ensure(packages=packages, force=force, progress=progress)
+
+
+def _ensure_cloud(*, force: bool = False, progress: Progress | None = None,
+                  url: str | None = None, sha256: str | None = None) -> BuiltImage:
+    from . import cloud
+    return cloud.ensure(url=url, sha256=sha256, force=force, progress=progress)
 
 
 def _table(*kinds: ImageKind) -> dict[str, ImageKind]:
@@ -66,6 +141,11 @@ def _table(*kinds: ImageKind) -> dict[str, ImageKind]:
 _KINDS = _table(
     ImageKind("appliance", "Debian cloud kernel + busybox + python3.11 + agent in an initramfs; "
                            "boots in a few seconds", _ensure_appliance),
+    ImageKind("debian", "Debian 12 with systemd, openssh-server, python3 on a qcow2 disk "
+                        "(debootstrap); extra packages with ImageSpec('debian', packages=[...])",
+              _ensure_debian, disk=True),
+    ImageKind("cloud", "any qcow2 by URL and sha256 with a NoCloud seed: "
+                       "ImageSpec('cloud', url=..., sha256=...)", _ensure_cloud, disk=True),
 )
 
 
@@ -74,7 +154,8 @@ def list_images() -> list[ImageKind]:
     return list(_KINDS.values())
 
 
-def ensure_image(name: str, *, progress: Progress | None = None, force: bool = False) -> BuiltImage:
+def ensure_image(name: "str | ImageSpec", *, progress: Progress | None = None,
+                 force: bool = False) -> BuiltImage:
     """Return image `name` from the cache, building it first if it is missing or `force` is set.
 
     A cached image is returned without touching the network. `progress` receives one call per
@@ -82,10 +163,11 @@ def ensure_image(name: str, *, progress: Progress | None = None, force: bool = F
 
         >>> ensure_image("appliance").digest[:12]
     """
-    kind = _KINDS.get(name)
-    if kind is None:
+    if isinstance(name, str) and name not in _KINDS:
         raise ConfigError(f"unknown image {name!r}; known images: {', '.join(_KINDS)}")
-    return kind.ensure(force=force, progress=progress or _stderr_progress)
+    spec = as_spec(name)
+    return _KINDS[spec.kind].ensure(force=force, progress=progress or _stderr_progress,
+                                    **spec.options())
 
 
 def _stderr_progress(message: str, done: int | None, total: int | None) -> None:

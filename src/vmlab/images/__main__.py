@@ -23,8 +23,10 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.monotonic()
     image = ensure_image(args.name, force=args.force)
     print(f"{image.name} {image.digest[:12]} ({time.monotonic() - t0:.2f} s)\n"
-          f"  os      {image.os}\n  kernel  {image.kernel}\n  initrd  {image.initrd} "
-          f"({image.initrd.stat().st_size / 1e6:.1f} MB)\n  args    {image.kernel_args}")
+          f"  os      {image.os}\n  kernel  {image.kernel}\n  initrd  {image.initrd}"
+          + (f" ({image.initrd.stat().st_size / 1e6:.1f} MB)" if image.initrd else "")
+          + (f"\n  disk    {image.disk} ({image.disk.stat().st_size / 1e6:.0f} MB)"
+             if image.disk else "") + f"\n  args    {image.kernel_args}")
     return 0
 
 

@@ -67,7 +67,8 @@ KERNEL_ARGS = ("console=ttyS0 quiet mitigations=off nokaslr cryptomgr.notests ra
                "audit=0 apparmor=0 security=none ima_appraise=off 8250.nr_uarts=1 i8042.noaux "
                "i8042.nokbd nowatchdog tsc=reliable no_timer_check acpi=off panic=-1")
 
-_AGENT_FILES = {"agent.py": "vmlab/agent.py", "init.sh": "init", "udhcpc.sh": "vmlab/udhcpc.sh"}
+_AGENT_FILES = {"agent.py": "vmlab/agent.py", "init.sh": "init", "udhcpc.sh": "vmlab/udhcpc.sh",
+                "screen.py": "vmlab/screen.py"}
 _LZ4_LEGACY_MAGIC = b"\x02\x21\x4c\x18"
 _MULTIARCH = "x86_64-linux-gnu"
 
@@ -161,7 +162,8 @@ def _load_entry(cls, digest: str):
     except (OSError, ValueError):
         return None
     return cls(name=NAME, digest=digest, kernel=entry / "vmlinux", initrd=entry / "initrd.cpio",
-               kernel_args=meta["kernel_args"], os=meta["os"], memory_mb=meta.get("memory_mb", MEMORY_MB))
+               kernel_args=meta["kernel_args"], os=meta["os"], memory_mb=meta.get("memory_mb", MEMORY_MB),
+               kind=NAME)
 
 
 # ---------------------------------------------------------------- the build

@@ -38,7 +38,7 @@ from ..errors import ConfigError, NodeCrashed, StateError, VmlabError, VmlabTime
 from . import process
 from .accel import qemu_binary
 
-__all__ = ["NicConfig", "VmConfig", "QemuVm", "VmState", "build_argv", "UNIX_PATH_MAX"]
+__all__ = ["NicConfig", "PrepNic", "VmConfig", "QemuVm", "VmState", "build_argv", "UNIX_PATH_MAX"]
 
 #: Longest usable unix socket path in bytes (sun_path[108] minus the terminating NUL).
 UNIX_PATH_MAX = 107
@@ -53,9 +53,30 @@ class NicConfig:
 
     vnet connects to `socket_path` (QEMU 7.2's stream client never reconnects, so QEMU must be
     the server). Frames on it are preceded by a 4-byte big-endian length.
+
+    With `dgram_peer` set, the netdev is `dgram` instead: QEMU binds `socket_path` and sends
+    each frame as one datagram to `dgram_peer`, vnet's own bound socket (which must exist
+    before QEMU sends; vnet binds it first).
     """
     mac: str
     socket_path: Path
+    dgram_peer: Path | None = None
+
+
+@dataclass(frozen=True)
+class PrepNic:
+    """The NIC a disk image is prepared through: QEMU user networking (`restrict=on`: the
+    guest reaches nothing) with host port `ssh_port` forwarded to the guest's port 22.
+
+    `ssh_port=None` is the form a restore uses: the same virtio-net device on the same kind
+    of netdev, minus the port forward. The device stays because a saved state needs the
+    device model it was saved with, and with `acpi=off` the guest cannot take a PCI
+    hot-unplug before the save; the user netdev stays because QEMU saves its (slirp) state
+    and refuses a stream with a section nothing claims ("Unknown savevm section 'slirp'").
+    With `restrict=on` and no forward nothing reaches it; preparation also turns its link
+    off before saving, and the restored device keeps that."""
+    mac: str
+    ssh_port: int | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -88,6 +109,27 @@ class VmConfig:
     bios: Path | None = None
     start_paused: bool = False
     extra_args: tuple[str, ...] = ()
+    #: guest RAM in this file (memory-backend-file) instead of anonymous memory: shared while a
+    #: snapshot is prepared (the guest writes the file), private when restoring clones (each
+    #: maps it copy-on-write, so the file stays intact and clean pages are shared)
+    memory_file: Path | None = None
+    memory_shared: bool = False
+    #: the host channel: a virtio-serial port named `vmlab.hostchan` whose chardev is a unix
+    #: socket QEMU listens on
+    hostchan_socket: Path | None = None
+    #: `-incoming defer`: wait for QMP migrate-incoming (a snapshot restore)
+    incoming: bool = False
+    #: a VGA display (`-vga std`) the dashboard takes screendumps of, with the kernel printing
+    #: on it too (`console=tty0`); part of the device model, so snapshots depend on it
+    vga: bool = True
+    #: the root disk (qcow2), as `-drive if=none,id=disk0,...,cache=unsafe` on a
+    #: virtio-blk-pci device; cache=unsafe because a test disk is thrown away (QEMU still
+    #: flushes it when a snapshot is saved)
+    disk: Path | None = None
+    #: a read-only second disk (cloud-init's NoCloud seed, raw ISO)
+    seed: Path | None = None
+    #: the snapshot-preparation NIC (`PrepNic`), after every vnet NIC so the guest numbers it last
+    prep_nic: "PrepNic | None" = None
 
     @property
     def qmp_path(self) -> Path:
@@ -130,15 +172,22 @@ def _validate(cfg: VmConfig) -> None:
         elif int(parts[0], 16) & 1:
             problems.append(f"nics[{i}].mac {nic.mac!r} is a multicast address; "
                             f"the first byte must be even")
-        if "," in str(nic.socket_path):
-            problems.append(f"nics[{i}].socket_path must not contain ','")
+        if "," in str(nic.socket_path) or "," in str(nic.dgram_peer or ""):
+            problems.append(f"nics[{i}] socket paths must not contain ','")
     if "," in str(cfg.run_dir):
         problems.append(f"run_dir {str(cfg.run_dir)!r} must not contain ',' (QEMU option syntax)")
+    for what, path in (("disk", cfg.disk), ("seed", cfg.seed)):
+        if path is not None and "," in str(path):
+            problems.append(f"{what} path {str(path)!r} must not contain ',' (QEMU option syntax)")
     if problems:
         raise ConfigError(f"node {cfg.name!r}: " + "; ".join(problems))
     _check_socket_path(cfg.qmp_path, "QMP socket", cfg.name)
     for i, nic in enumerate(cfg.nics):
         _check_socket_path(nic.socket_path, f"nics[{i}] socket", cfg.name)
+        if nic.dgram_peer is not None:
+            _check_socket_path(nic.dgram_peer, f"nics[{i}] dgram peer socket", cfg.name)
+    if cfg.hostchan_socket is not None:
+        _check_socket_path(cfg.hostchan_socket, "host channel socket", cfg.name)
 
 
 def build_argv(cfg: VmConfig, qemu: str = "qemu-system-x86_64") -> list[str]:
@@ -161,11 +210,18 @@ def build_argv(cfg: VmConfig, qemu: str = "qemu-system-x86_64") -> list[str]:
         argv += ["-cpu", "host"]
     # TCG: QEMU's default CPU model. `-cpu max` gave no boot-time gain here
     # (reference/measurements-boot-snapshot.md §2) and would tie snapshots to this QEMU build.
+    if cfg.memory_file is not None:
+        argv += ["-object", f"memory-backend-file,id=ram0,size={cfg.memory_mb}M,"
+                            f"mem-path={cfg.memory_file},share={'on' if cfg.memory_shared else 'off'}",
+                 "-machine", "memory-backend=ram0"]
     argv += [
         "-m", str(cfg.memory_mb),
         "-smp", str(cfg.cpus),
         "-nodefaults", "-no-user-config",
         "-display", "none",
+        # -vga std: the Debian cloud kernel has no DRM, so only VGA text mode shows its
+        # console (reference/measurements-net-channels.md §4); screendump reads it over QMP.
+        *(["-vga", "std"] if cfg.vga else []),
         "-no-reboot",
         # The console goes straight to a file from QEMU, so it is captured even if we die.
         "-chardev", f"file,id=console,path={cfg.console_path}",
@@ -179,14 +235,44 @@ def build_argv(cfg: VmConfig, qemu: str = "qemu-system-x86_64") -> list[str]:
         if cfg.initrd is not None:
             argv += ["-initrd", str(cfg.initrd)]
         append = " ".join(a for a in (cfg.kernel_args.strip(), cfg.extra_kernel_args.strip()) if a)
+        if cfg.vga and "console=ttyS0" in append.split():
+            # The kernel prints on every console= but /dev/console is the LAST one: tty0 goes
+            # first so the serial port (console.log) keeps getting everything. A PVH-booted
+            # kernel has no screen_info and so no VGA console: there the appliance's
+            # agent/screen.py draws the console instead, and tty0 is a harmless no-op.
+            append = "console=tty0 " + append
         if append:
             argv += ["-append", append]
     for i, nic in enumerate(cfg.nics):
+        if nic.dgram_peer is not None:
+            netdev = (f"dgram,id=net{i},local.type=unix,local.path={nic.socket_path},"
+                      f"remote.type=unix,remote.path={nic.dgram_peer}")
+        else:
+            netdev = f"stream,id=net{i},server=on,addr.type=unix,addr.path={nic.socket_path}"
         argv += [
-            "-netdev", f"stream,id=net{i},server=on,addr.type=unix,addr.path={nic.socket_path}",
+            "-netdev", netdev,
             # romfile= : no option ROM; we never PXE boot, and it saves loading efi-virtio.rom.
             "-device", f"virtio-net-pci,netdev=net{i},id=nic{i},mac={nic.mac},romfile=",
         ]
+    if cfg.hostchan_socket is not None:
+        argv += [
+            "-device", "virtio-serial-pci,id=vser0",
+            "-chardev", f"socket,id=hostchan,path={cfg.hostchan_socket},server=on,wait=off",
+            "-device", "virtserialport,bus=vser0.0,chardev=hostchan,name=vmlab.hostchan",
+        ]
+    if cfg.disk is not None:
+        argv += ["-drive", f"if=none,id=disk0,file={cfg.disk},format=qcow2,cache=unsafe",
+                 "-device", "virtio-blk-pci,drive=disk0,id=vda"]
+    if cfg.seed is not None:
+        argv += ["-drive", f"if=none,id=seed0,file={cfg.seed},format=raw,readonly=on",
+                 "-device", "virtio-blk-pci,drive=seed0,id=vdb"]
+    if cfg.prep_nic is not None:
+        forward = (f",hostfwd=tcp:127.0.0.1:{cfg.prep_nic.ssh_port}-:22"
+                   if cfg.prep_nic.ssh_port is not None else "")
+        argv += ["-netdev", f"user,id=prep,restrict=on{forward}",
+                 "-device", f"virtio-net-pci,netdev=prep,id=prepnic,mac={cfg.prep_nic.mac},romfile="]
+    if cfg.incoming:
+        argv += ["-incoming", "defer"]
     if cfg.start_paused:
         argv.append("-S")
     argv += list(cfg.extra_args)

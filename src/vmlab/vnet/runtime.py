@@ -18,7 +18,7 @@ from .router import Router
 from .switch import Emit, Port
 from .tcp import TcpConnection
 from .tcp_stream import TcpStream
-from .transport import StreamNic
+from .transport import DgramNic, StreamNic
 
 __all__ = ["VNetRuntime"]
 
@@ -29,10 +29,13 @@ class VNetRuntime:
     def __init__(self, vnet: VNet):
         self.vnet = vnet
         self.loop = asyncio.get_running_loop()
-        self.nics: dict[str, StreamNic] = {}
+        self.nics: dict[str, StreamNic | DgramNic] = {}
         self._tasks: list[asyncio.Task] = []
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
+        #: lan_ping echoes awaiting their reply: (network, (ident, seq)) -> future of the RTT
+        self._pings: dict[tuple[str, tuple[int, int]], asyncio.Future] = {}
+        self._ping_seq = 0
 
     # ------------------------------------------------------------------ NICs
 
@@ -44,8 +47,47 @@ class VNetRuntime:
         self._tasks.append(self.loop.create_task(nic.run(), name=f"vnet-nic-{port.name}"))
         return nic
 
+    def attach_dgram(self, port: Port, local_path: Path, peer_path: Path) -> DgramNic:
+        """Bind vnet's datagram socket at `local_path` for `port`; QEMU binds `peer_path`.
+        Call before QEMU starts, so its first frames find the socket."""
+        nic = DgramNic(port.name, local_path, peer_path, lambda frame: self._from_port(port, frame))
+        nic.open()
+        port.sink = nic
+        self.nics[port.name] = nic
+        return nic
+
     def _from_port(self, port: Port, frame: bytes) -> None:
         self._send(self.vnet.receive(port, frame, self.loop.time()))
+        if self._pings:
+            self._collect_echo_replies()
+
+    # ------------------------------------------------------------------ lan_ping
+
+    #: ICMP identifier of vnet's own echo requests ("vm" in ASCII, easy to spot in a pcap)
+    PING_IDENT = 0x766D
+
+    async def ping(self, network: str, address: IPv4Address, *, timeout_s: float) -> float | None:
+        """Send one echo request from `network`'s gateway to `address`; the round trip in
+        seconds, or None if no reply came within `timeout_s`."""
+        router = self.vnet.routers[network]
+        self._ping_seq = (self._ping_seq + 1) & 0xFFFF
+        key = (network, (self.PING_IDENT, self._ping_seq))
+        future = self.loop.create_future()
+        self._pings[key] = future
+        try:
+            self._send(router.echo_request(address, *key[1], self.loop.time()))
+            return await asyncio.wait_for(future, timeout_s)
+        except asyncio.TimeoutError:
+            return None
+        finally:
+            self._pings.pop(key, None)
+            router.echo_replies.pop(key[1], None)
+
+    def _collect_echo_replies(self) -> None:
+        for (network, echo), future in list(self._pings.items()):
+            reply = self.vnet.routers[network].echo_replies.pop(echo, None)
+            if reply is not None and not future.done():
+                future.set_result(reply[1])
 
     def _send(self, emits: list[Emit]) -> None:
         for port, frame in emits:
@@ -76,13 +118,38 @@ class VNetRuntime:
         """Run `handler(stream, router)` for each TCP connection to ip:port from any LAN."""
 
         def on_accept(router: Router, conn: TcpConnection) -> None:
-            stream = TcpStream(conn, kick=lambda: self._send(router.flush_tcp(self.loop.time())))
+            stream = TcpStream(conn, kick=lambda: self._send(self.vnet.kick(router,
+                                                                            self.loop.time())))
             task = self.loop.create_task(self._run_handler(handler, stream, router),
                                          name=f"vnet-tcp-{what}")
             self._tasks.append(task)
             task.add_done_callback(self._forget)
 
         self.vnet.listen_tcp(ip, port, on_accept, what)
+
+    def serve_tcp_vip(self, ip, port: int,
+                      handler: Callable[[TcpStream, Router | None], Awaitable[None]],
+                      what: str) -> None:
+        """Run `handler(stream, router)` for each TCP connection to public address ip:port
+        (IPv4 or IPv6; made a VIP if it is not one). The service sits on the internet, after
+        any NAT: `stream.remote` is the post-NAT source, and `router` the network it came
+        from (None if no network owns the source address)."""
+
+        def on_accept(conn: TcpConnection) -> None:
+            stream = TcpStream(conn, kick=lambda: self._send(self.vnet.kick(None,
+                                                                            self.loop.time())))
+            router = self.vnet.internet.router_for(conn.remote[0])
+            task = self.loop.create_task(self._run_handler(handler, stream, router),
+                                         name=f"vnet-tcp-{what}")
+            self._tasks.append(task)
+            task.add_done_callback(self._forget)
+
+        self.vnet.listen_tcp_vip(ip, port, on_accept, what)
+
+    def serve_udp(self, ip, port: int, handler, what: str) -> None:
+        """Answer UDP to public address ip:port with `handler(payload, (src_ip, src_port))`,
+        which returns the reply payload or None (see services.UdpHandler)."""
+        self.vnet.serve_udp(ip, port, handler, what)
 
     def _forget(self, task: asyncio.Task) -> None:
         try:

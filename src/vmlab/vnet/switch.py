@@ -12,8 +12,9 @@ from dataclasses import dataclass, field
 from ipaddress import IPv4Address
 from typing import TYPE_CHECKING
 
-from .frames import (ARP_REPLY, ARP_REQUEST, BROADCAST_MAC, ETH_ARP, build_arp, build_eth,
-                     mac_str, parse_arp, parse_eth)
+from .drops import count_drop
+from .frames import (ARP_REPLY, ARP_REQUEST, BROADCAST_MAC, ETH_ARP, ETH_IPV6, build_arp,
+                     build_eth, mac_str, parse_arp, parse_eth)
 
 if TYPE_CHECKING:
     from .router import Router
@@ -34,6 +35,8 @@ class Port:
     network: str
     #: set by the runtime; frames for this port are handed to it
     sink: object = field(default=None, repr=False)
+    #: False while the NIC's cable is out (`VNet.set_link`): frames either way are dropped
+    link_up: bool = True
 
 
 Emit = tuple[Port, bytes]
@@ -48,6 +51,9 @@ class Switch:
         #: proxy-ARP table: IP -> MAC for the gateway and every known node address
         self.arp: dict[IPv4Address, bytes] = {}
         self.drops: dict[str, int] = {}
+        #: capture hook: tap(interface, frame, now) for what the router's LAN port sees
+        self.tap = None
+        self._tap_name = f"{name}-lan"
         self.log = log.getChild(name)
 
     def attach(self, port: Port) -> None:
@@ -61,7 +67,7 @@ class Switch:
             del self.fdb[mac]
 
     def _drop(self, reason: str) -> list[Emit]:
-        self.drops[reason] = self.drops.get(reason, 0) + 1
+        count_drop(self.drops, reason)
         self.log.debug("drop: %s", reason)
         return []
 
@@ -79,6 +85,12 @@ class Switch:
             handled = self._proxy_arp(port, eth.src, eth.payload)
             if handled is not None:
                 return handled
+        elif (eth.ethertype == ETH_IPV6 and eth.dst[0] & 1 and self.router.v6 is not None):
+            handled = self.router.v6.proxy_nd(port, eth, now)  # proxy NDP, like proxy ARP
+            if handled is not None:
+                return handled
+        if self.tap is not None and (eth.dst == self.router.mac or eth.dst[0] & 1):
+            self.tap(self._tap_name, frame, now)
         if eth.dst == self.router.mac:
             return self.router.from_lan(eth, now)
         if eth.dst[0] & 1:  # broadcast or multicast: everyone, the router included
@@ -93,6 +105,8 @@ class Switch:
 
     def deliver(self, frame: bytes) -> list[Emit]:
         """A frame from the router onto the LAN."""
+        if self.tap is not None:
+            self.tap(self._tap_name, frame, None)
         dst = frame[:6]
         if dst[0] & 1:
             return [(p, frame) for p in self.ports]

@@ -19,7 +19,11 @@ Contract for the runtime (one thread; nothing here is thread-safe):
   `next_deadline()` has passed, or after any app call on a connection
   (`send`, `close`, `abort`, `set_receive_window`), which only record intent;
 * after each of those calls, send everything `take_outgoing()` returns and
-  re-arm the timer at `next_deadline()` (a value <= now means "tick now").
+  re-arm the timer at `next_deadline()` (a value <= now means "tick now");
+* never call `receive` or `tick` from inside a callback (`on_accept`,
+  `on_data`, `on_eof`, `on_closed`, `on_writable`): app code that runs there
+  may call the connection's methods, but the runtime's "kick" must defer the
+  tick to the next loop iteration (`loop.call_soon`).
 """
 from __future__ import annotations
 
@@ -185,7 +189,8 @@ class TcpStack:
         self._out: list[TcpSegment] = []
         self._heap: list[tuple[float, int, TcpConnection]] = []
         self._tiebreak = itertools.count()
-        self._dirty: set[TcpConnection] = set()
+        # Connections to flush, in a dict (an ordered set) so output order is reproducible.
+        self._dirty: dict[TcpConnection, None] = {}
         self._now = 0.0
 
     # -- runtime-facing API ------------------------------------------------------------
@@ -224,7 +229,7 @@ class TcpStack:
             conn = None
         if conn is not None:
             conn._segment_arrives(seg, now)
-            self._dirty.add(conn)
+            self._dirty[conn] = None
         elif listener is not None:
             self._listen_arrives(seg, now, listener)
         else:
@@ -240,7 +245,7 @@ class TcpStack:
                 continue  # superseded: a later entry for this connection exists, or it is gone
             conn._heap_at = None
             conn._on_timer(now)
-            self._dirty.add(conn)
+            self._dirty[conn] = None
         self._flush(now)
 
     def next_deadline(self) -> float | None:
@@ -306,11 +311,11 @@ class TcpStack:
         self._half_open += 1
         # SYN data, if any, is not acknowledged, so the peer sends it again after the handshake.
         conn._send_syn_ack(now)
-        self._dirty.add(conn)
+        self._dirty[conn] = None
 
     def _flush(self, now: float) -> None:
         while self._dirty:
-            conn = self._dirty.pop()
+            conn, _ = self._dirty.popitem()
             if conn.state is S.CLOSED:
                 continue
             conn._output(now)
@@ -353,7 +358,7 @@ class TcpConnection:
         self.rcv_nxt = seq_add(irs, 1)
         self._rcv_adv = self.rcv_nxt              # right edge of the window we last advertised
         self._rcv_app_window = stack.rcv_window
-        self._rcv_buff = stack.rcv_window          # largest window the app ever offered: RCV.BUFF
+        self._rcv_buff: int | None = None         # RCV.BUFF: the largest window the app asked for
         self.mss = max(1, min(peer_mss, MSS_MAX, stack.mss))
         # RFC 5681 §3.1 initial window; ssthresh starts "arbitrarily high".
         self.cwnd = min(4 * self.mss, max(2 * self.mss, 4380))
@@ -397,7 +402,7 @@ class TcpConnection:
             raise StateError(f"{self!r}: send() after close() or reset; open a new connection")
         if data:
             self._sndbuf += data
-            self._stack._dirty.add(self)
+            self._stack._dirty[self] = None
 
     def close(self) -> None:
         """Send FIN once buffered data is out (RFC 9293 §3.10.4). Receiving continues until the peer's FIN."""
@@ -408,7 +413,7 @@ class TcpConnection:
         else:
             return
         self._fin_seq = seq_add(self._snd_base, len(self._sndbuf))
-        self._stack._dirty.add(self)
+        self._stack._dirty[self] = None
 
     def abort(self) -> None:
         """Reset the connection now (RFC 9293 §3.10.5); on_closed(None) follows."""
@@ -418,20 +423,22 @@ class TcpConnection:
 
     def set_receive_window(self, n: int) -> None:
         """Free receive space the app has; we advertise min(65535, n), never shrinking the
-        window already offered, and growing it only in steps of one MSS (§3.8.6.2.2)."""
+        window already offered, and growing it in steps of at least min(RCV.BUFF/2, MSS),
+        RCV.BUFF being the largest n passed so far (receiver SWS avoidance, §3.8.6.2.2)."""
         old = self._rcv_wnd()
         self._rcv_app_window = max(0, n)
-        self._rcv_buff = max(self._rcv_buff, self._rcv_app_window)
+        self._rcv_buff = max(self._rcv_buff or 0, self._rcv_app_window)
         if self.state in _RECEIVES_DATA and self._rcv_wnd() > old:
             self._ack_now = True  # window update, so the peer need not wait for its persist timer
-            self._stack._dirty.add(self)
+            self._stack._dirty[self] = None
 
     # -- sending ------------------------------------------------------------------------
 
     def _rcv_wnd(self) -> int:
         offered = max(0, seq_diff(self._rcv_adv, self.rcv_nxt))
         wanted = min(MAX_WINDOW, self._rcv_app_window)
-        if wanted - offered < min(min(self._rcv_buff, MAX_WINDOW) // 2, self.mss):
+        buff = self._stack.rcv_window if self._rcv_buff is None else self._rcv_buff
+        if wanted - offered < min(min(buff, MAX_WINDOW) // 2, self.mss):
             return offered  # receiver SWS avoidance (§3.8.6.2.2), and never shrink the window
         return wanted
 
@@ -587,7 +594,7 @@ class TcpConnection:
             elif self.state is S.LAST_ACK:
                 self._destroy(None)
                 return False
-        self._stack._dirty.add(self)
+        self._stack._dirty[self] = None
         return True
 
     def _new_ack(self, ack: int, now: float) -> None:

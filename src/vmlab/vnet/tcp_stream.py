@@ -6,10 +6,15 @@ read backpressure through the TCP receive window, and write backpressure
 through `drain()`.
 
 Leaves to others: the TCP state machine (`tcp.py`) and running the stack (the
-vnet runtime). The runtime passes `kick`; calling it must tick the stack with
+vnet runtime). The runtime passes `kick`; calling it must, on the next loop
+iteration (`loop.call_soon`, coalescing repeated kicks), tick the stack with
 the current time, send `take_outgoing()`, and re-arm the stack's timer. All of
 this runs on the one event loop: callbacks from the stack and the coroutines
 here never cross threads.
+
+Read backpressure starts once the window offered in the SYN-ACK (the stack's
+`rcv_window`, 64 KiB by default) is used: TCP cannot take an offered window
+back. Build the stack with `rcv_window <= read_limit` to bound it from the start.
 """
 from __future__ import annotations
 

@@ -1,0 +1,60 @@
+"""Files to and from a running node: the host half of `Node.put` and `Node.get`.
+
+Both move one tar archive, base64 in the agent's JSON (the agent's `/files/put` unpacks one
+under a guest directory; `/files/get` packs a guest path as a single top entry named "x").
+Fine for configuration, scripts and logs; the JSON body holds the whole archive in memory,
+so multi-hundred-megabyte trees belong in a provisioning step or the image instead.
+"""
+from __future__ import annotations
+
+import base64
+import io
+import posixpath
+import shutil
+import tarfile
+import tempfile
+from pathlib import Path
+
+from .errors import ConfigError
+
+__all__ = ["pack", "unpack"]
+
+
+def pack(local: Path, remote: str) -> tuple[str, str]:
+    """(guest directory to unpack under, tar as base64) that puts `local` at `remote`: a
+    file becomes the file `remote`, a folder's content lands under the folder `remote`."""
+    if not remote.startswith("/"):
+        raise ConfigError(f"put: {remote!r} must be an absolute path in the guest")
+    if not local.exists():
+        raise ConfigError(f"put: local path {local} does not exist")
+    remote = posixpath.normpath(remote)
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        if local.is_dir():
+            dest = remote
+            for child in sorted(local.iterdir()):
+                tar.add(child, arcname=child.name)
+        else:
+            dest, name = posixpath.split(remote)
+            if not name:
+                raise ConfigError(f"put: {remote!r} names a folder; give the file's guest path")
+            tar.add(local, arcname=name)
+    return dest, base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def unpack(tar_b64: str, local: Path) -> Path:
+    """Write what `/files/get` returned to `local` (replacing a file or folder there)."""
+    data = base64.b64decode(tar_b64)
+    local.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=local.parent, prefix=".vmlab-get-") as tmp:
+        with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
+            for m in tar.getmembers():
+                if m.name != "x" and not m.name.startswith("x/") or ".." in m.name.split("/"):
+                    raise ValueError(f"get: unexpected entry {m.name!r} in the agent's archive")
+            tar.extractall(tmp, filter="data")
+        if local.is_dir() and not local.is_symlink():
+            shutil.rmtree(local)
+        elif local.exists() or local.is_symlink():
+            local.unlink()
+        Path(tmp, "x").rename(local)
+    return local
