@@ -959,7 +959,7 @@ class Agent:
 
     # -- public
 
-    def run_forever(self, dial_first: bool = False) -> None:
+    def run_forever(self, dial_first: bool = False, after_first=None) -> None:
         """Dial and serve until the process is killed. With `dial_first`, the first
         connection is dialled on this thread before any other starts: after a restore that
         is the shortest way to the driver (a new thread is slow to get going under TCG)."""
@@ -969,6 +969,8 @@ class Agent:
                 self._total += 1
             sock = self._dial()
             threading.Thread(target=self._connection, args=(sock,), name="conn", daemon=True).start()
+            if after_first is not None:
+                after_first()
         with self._cond:
             while True:
                 while self._idle < IDLE_CONNECTIONS and self._total < MAX_CONNECTIONS:
@@ -1147,6 +1149,7 @@ def main(argv: list[str] | None = None) -> int:
         f"driver {config.driver[0]}:{config.driver[1]}")
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     chan = HostChannel.open() if config.dhcp else None
+    configured = None
     if chan is not None:
         cfg = chan.wait_for_config({"state": "waiting", "hostname": config.hostname,
                                     "version": AGENT_VERSION})
@@ -1162,10 +1165,10 @@ def main(argv: list[str] | None = None) -> int:
         mark("link_up")
         info["applied_to_up_s"] = round(time.monotonic() - t0 - info["apply_s"], 4)
         nics = cfg.get("nics") or []
-        if nics:  # logged only now: console output is not free on the way to the driver
-            log(f"host channel: {nics[0].get('name', 'eth0')} set to {nics[0]['ip']} "
-                f"mac {nics[0].get('mac')} via {nics[0].get('gw')} "
-                f"(applied in {info['apply_s']:.3f} s, link up after {info['applied_to_up_s']:.3f} s)")
+        if nics:
+            configured = (f"host channel: {nics[0].get('name', 'eth0')} set to {nics[0]['ip']} "
+                          f"mac {nics[0].get('mac')} via {nics[0].get('gw')} (applied in "
+                          f"{info['apply_s']:.3f} s, link up after {info['applied_to_up_s']:.3f} s)")
         if cfg.get("agent") is False:
             # A no_agent node: its address is set; it runs nothing of ours from here on. The
             # process stays (a service manager would restart it and it would poll again).
@@ -1174,7 +1177,10 @@ def main(argv: list[str] | None = None) -> int:
                 time.sleep(3600)
     elif config.dhcp:
         DhcpSupervisor().start()
-    Agent(config).run_forever(dial_first=chan is not None)
+    # Console output wakes the screen writer, which costs fresh TCG translation after a
+    # restore: say what was configured only once the first connection is up.
+    Agent(config).run_forever(dial_first=chan is not None,
+                              after_first=(lambda: log(configured)) if configured else None)
     return 0
 
 
