@@ -10,7 +10,6 @@ import asyncio
 import base64
 import http.server
 import json
-import os
 import shutil
 import socket
 import subprocess

@@ -216,7 +216,7 @@ def test_appliance_boots_to_agent(image, tmp_path):
         eth0 = next(i for i in status["interfaces"] if i["name"] == "eth0")
         assert eth0["ipv4"] == ["10.0.2.15/24"] and eth0["up"]
         assert status["os"] == image.os
-        print(f"\nboot timings (s from QEMU start): " + ", ".join(f"{k!r} {v:.2f}" for k, v in marks.items())
+        print("\nboot timings (s from QEMU start): " + ", ".join(f"{k!r} {v:.2f}" for k, v in marks.items())
               + f", hello {result['hello_at'] - t0:.2f}, /status answered {result['status_at'] - t0:.2f}")
     finally:
         proc.kill()

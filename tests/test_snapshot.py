@@ -1,7 +1,6 @@
 """The snapshot cache: keys, staleness, atomic publishing, fallbacks, and restored nodes."""
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import signal

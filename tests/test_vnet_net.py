@@ -15,7 +15,7 @@ from ipaddress import IPv6Address as IP6
 from ipaddress import IPv4Network, IPv6Network
 
 import pytest
-from dnslib import QTYPE, RCODE, DNSRecord
+from dnslib import RCODE, DNSRecord
 
 from framekit import World, decode, udp_frame
 from vmlab.errors import ConfigError

@@ -16,10 +16,9 @@ from hypothesis import strategies as st
 from framekit import World, arp_request, dhcp_message, ping_frame, udp_frame
 from vmlab.vnet import frames as F
 from vmlab.vnet import ipv6 as V6
-from vmlab.vnet.core import NetworkConfig, VNet, node_mac, router_mac
+from vmlab.vnet.core import node_mac, router_mac
 from vmlab.vnet.dns import DnsRecords, DnsServer
 from vmlab.vnet.drops import MAX_DROP_REASONS
-from vmlab.vnet.nat import NatType
 from vmlab.vnet.router import MAX_NEIGHBORS
 from vmlab.vnet.services import DNS_VIP
 from vmlab.vnet.switch import MAX_FDB_ENTRIES

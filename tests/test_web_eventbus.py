@@ -4,7 +4,6 @@ from __future__ import annotations
 import asyncio
 import threading
 
-import pytest
 
 from vmlab.web.eventbus import HISTORY_SIZE, Event, EventBus, EventKind
 from vmlab.web.status import StatusBoard, NodeStatus, NicStatus

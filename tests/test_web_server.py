@@ -113,7 +113,6 @@ def test_websocket_sends_state_then_history_then_live_events():
 
 
 def test_websocket_of_a_page_that_fell_behind_is_closed_for_a_resync(monkeypatch):
-    import vmlab.web.server as server
 
     async def body(dash, url, http):
         orig = dash.bus.subscribe

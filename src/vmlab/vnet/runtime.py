@@ -33,6 +33,7 @@ class VNetRuntime:
         self._tasks: list[asyncio.Task] = []
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
+        self._kicked: set[str | None] = set()
         #: lan_ping echoes awaiting their reply: (network, (ident, seq)) -> future of the RTT
         self._pings: dict[tuple[str, tuple[int, int]], asyncio.Future] = {}
         self._ping_seq = 0
@@ -113,13 +114,27 @@ class VNetRuntime:
 
     # ------------------------------------------------------------------ VIP TCP services
 
+    def _kick(self, router: Router | None) -> None:
+        """An app queued TCP work on `router`'s stack (None: the internet's): flush it on the
+        next loop iteration, once however many kicks came in between. Deferred because the
+        stack must never be re-entered from inside one of its own callbacks (tcp_stream.py)."""
+        key = router.name if router is not None else None
+        if key in self._kicked:
+            return
+        self._kicked.add(key)
+
+        def flush() -> None:
+            self._kicked.discard(key)
+            self._send(self.vnet.kick(router, self.loop.time()))
+
+        self.loop.call_soon(flush)
+
     def serve_tcp(self, ip: IPv4Address, port: int,
                   handler: Callable[[TcpStream, Router], Awaitable[None]], what: str) -> None:
         """Run `handler(stream, router)` for each TCP connection to ip:port from any LAN."""
 
         def on_accept(router: Router, conn: TcpConnection) -> None:
-            stream = TcpStream(conn, kick=lambda: self._send(self.vnet.kick(router,
-                                                                            self.loop.time())))
+            stream = TcpStream(conn, kick=lambda: self._kick(router))
             task = self.loop.create_task(self._run_handler(handler, stream, router),
                                          name=f"vnet-tcp-{what}")
             self._tasks.append(task)
@@ -136,8 +151,7 @@ class VNetRuntime:
         from (None if no network owns the source address)."""
 
         def on_accept(conn: TcpConnection) -> None:
-            stream = TcpStream(conn, kick=lambda: self._send(self.vnet.kick(None,
-                                                                            self.loop.time())))
+            stream = TcpStream(conn, kick=lambda: self._kick(None))
             router = self.vnet.internet.router_for(conn.remote[0])
             task = self.loop.create_task(self._run_handler(handler, stream, router),
                                          name=f"vnet-tcp-{what}")

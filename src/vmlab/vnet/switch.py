@@ -13,7 +13,7 @@ from ipaddress import IPv4Address
 from typing import TYPE_CHECKING
 
 from .drops import count_drop
-from .frames import (ARP_REPLY, ARP_REQUEST, BROADCAST_MAC, ETH_ARP, ETH_IPV6, build_arp,
+from .frames import (ARP_REPLY, ARP_REQUEST, ETH_ARP, ETH_IPV6, build_arp,
                      build_eth, mac_str, parse_arp, parse_eth)
 
 if TYPE_CHECKING:
