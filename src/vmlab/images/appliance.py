@@ -109,7 +109,7 @@ def ensure(*, force: bool = False, progress=None):
     key = recipe_key()
     manifest_path = cache.cache_root() / "images" / f"{NAME}.resolved.json"
     if not force:
-        packages = _load_manifest(manifest_path, key)
+        packages = cache.load_manifest(manifest_path, key)
         if packages is not None:
             hit = _load_entry(BuiltImage, image_digest(key, packages))
             if hit is not None:
@@ -124,7 +124,7 @@ def ensure(*, force: bool = False, progress=None):
     packages = {n: {"version": d.version, "sha256": d.sha256} for n, d in sorted(fetched.items())}
     digest = image_digest(key, packages)
     cache.images_dir()  # creates it
-    _save_manifest(manifest_path, key, packages)
+    cache.save_manifest(manifest_path, key, packages)
     if not force:
         hit = _load_entry(BuiltImage, digest)
         if hit is not None:
@@ -141,26 +141,15 @@ def ensure(*, force: bool = False, progress=None):
     return image
 
 
-def _load_manifest(path: Path, key: str) -> dict | None:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return data.get("packages") if data.get("recipe_key") == key else None
 
 
-def _save_manifest(path: Path, key: str, packages: dict) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}")
-    tmp.write_text(json.dumps({"recipe_key": key, "packages": packages}, indent=1, sort_keys=True))
-    os.replace(tmp, path)
 
 
 def _load_entry(cls, digest: str):
-    entry = cache.entry_dir(NAME, digest)
-    try:
-        meta = json.loads((entry / "image.json").read_text())
-    except (OSError, ValueError):
+    found = cache.read_entry_meta(NAME, digest)
+    if found is None:
         return None
+    entry, meta = found
     return cls(name=NAME, digest=digest, kernel=entry / "vmlinux", initrd=entry / "initrd.cpio",
                kernel_args=meta["kernel_args"], os=meta["os"], memory_mb=meta.get("memory_mb", MEMORY_MB),
                kind=NAME)

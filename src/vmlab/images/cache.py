@@ -22,7 +22,8 @@ from pathlib import Path
 
 from ..paths import cache_root, ensure_writable_dir
 
-__all__ = ["images_dir", "debs_dir", "digest_of", "entry_dir", "building", "publish", "remove_stale"]
+__all__ = ["images_dir", "debs_dir", "digest_of", "entry_dir", "building", "publish", "remove_stale",
+           "load_manifest", "save_manifest", "read_entry_meta"]
 
 
 def images_dir() -> Path:
@@ -73,3 +74,28 @@ def remove_stale(name: str, keep: Path) -> None:
         suffix = path.name[len(name) + 1:]
         if path != keep and path.is_dir() and len(suffix) == 12 and all(c in "0123456789abcdef" for c in suffix):
             shutil.rmtree(path, ignore_errors=True)
+
+
+def load_manifest(path: Path, key: str) -> dict | None:
+    """The package set a recipe resolved last time, if it was resolved for this `key` (the
+    recipe's local inputs): a cached build then needs no apt command at all."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data.get("packages") if data.get("recipe_key") == key else None
+
+
+def save_manifest(path: Path, key: str, packages: dict) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    tmp.write_text(json.dumps({"recipe_key": key, "packages": packages}, indent=1, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def read_entry_meta(name: str, digest: str) -> tuple[Path, dict] | None:
+    """(entry directory, its image.json) of a published image, or None if unreadable."""
+    entry = entry_dir(name, digest)
+    try:
+        return entry, json.loads((entry / "image.json").read_text())
+    except (OSError, ValueError):
+        return None

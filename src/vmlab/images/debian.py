@@ -199,7 +199,7 @@ def ensure(*, packages=(), force: bool = False, progress=None):
     key = recipe_key(packages)
     manifest_path = cache.cache_root() / "images" / f"{name}.resolved.json"
     if not force:
-        resolved = _load_manifest(manifest_path, key)
+        resolved = cache.load_manifest(manifest_path, key)
         if resolved is not None:
             hit = _load_entry(BuiltImage, name, cache.digest_of({"key": key, "debs": resolved}))
             if hit is not None:
@@ -214,7 +214,7 @@ def ensure(*, packages=(), force: bool = False, progress=None):
     resolved = {n: {"version": d.version, "sha256": d.sha256} for n, d in sorted(fetched.items())}
     digest = cache.digest_of({"key": key, "debs": resolved})
     cache.images_dir()
-    _save_manifest(manifest_path, key, resolved)
+    cache.save_manifest(manifest_path, key, resolved)
     if not force:
         hit = _load_entry(BuiltImage, name, digest)
         if hit is not None:
@@ -230,26 +230,15 @@ def ensure(*, packages=(), force: bool = False, progress=None):
     return image
 
 
-def _load_manifest(path: Path, key: str) -> dict | None:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return data.get("debs") if data.get("recipe_key") == key else None
 
 
-def _save_manifest(path: Path, key: str, resolved: dict) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}")
-    tmp.write_text(json.dumps({"recipe_key": key, "debs": resolved}, indent=1, sort_keys=True))
-    os.replace(tmp, path)
 
 
 def _load_entry(cls, name: str, digest: str):
-    entry = cache.entry_dir(name, digest)
-    try:
-        meta = json.loads((entry / "image.json").read_text())
-    except (OSError, ValueError):
+    found = cache.read_entry_meta(name, digest)
+    if found is None:
         return None
+    entry, meta = found
     return cls(name=name, digest=digest, kernel=entry / "vmlinux", initrd=entry / "initrd.cpio",
                kernel_args=meta["kernel_args"], os=meta["os"], memory_mb=meta["memory_mb"],
                disk=entry / "disk.qcow2", ssh_key=entry / "ssh_key", kind=NAME)
