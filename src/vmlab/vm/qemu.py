@@ -547,8 +547,14 @@ class QemuVm:
                 raise VmlabError(f"node {self.cfg.name!r}: QMP {cmd} {arguments or ''} failed: "
                                  f"{err.error_class}: {err}") from err
             except QMPError as err:
-                if self._exited.is_set() or self._proc is not None and self._proc.poll() is not None:
-                    await self._exited.wait()  # let the watcher record the code
+                # A dying QEMU closes its QMP socket while the kernel is still tearing it
+                # down, before it can be reaped: give the exit a moment to land before
+                # calling this anything but a crash.
+                try:
+                    await asyncio.wait_for(self._exited.wait(), 2.0)
+                except asyncio.TimeoutError:
+                    pass
+                if self._exited.is_set():
                     raise self._crashed(f"running QMP {cmd}") from err
                 raise VmlabError(f"node {self.cfg.name!r}: QMP {cmd} failed: {err!r}; "
                                  f"see {self.cfg.log_path}") from err
