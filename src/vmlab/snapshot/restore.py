@@ -10,7 +10,7 @@ import asyncio
 import time
 from pathlib import Path
 
-from ..errors import NodeCrashed, VmlabError, VmlabTimeout
+from ..errors import VmlabError, VmlabTimeout
 from ..vm.qemu import QemuVm
 from .cache import SnapshotEntry, SnapshotSpec
 from .prepare import make_overlay
@@ -62,7 +62,12 @@ async def restore(spec: SnapshotSpec, entry: SnapshotEntry, *, name: str, run_di
             await asyncio.sleep(0.005)
         await vm.qmp("cont")
         return vm
-    except NodeCrashed as err:
+    except RestoreFailed:
+        await vm.kill()
+        raise
+    except VmlabError as err:
+        # Whatever went wrong (QEMU died loading the state, a QMP error, a wedged load), the
+        # node must not fail because of the cache: the caller cold-boots it instead.
         await vm.kill()
         log_tail = vm.qemu_log_tail(10)
         broken = "load of migration failed" in log_tail or "loading state" in log_tail
