@@ -97,3 +97,15 @@ def test_missing_qemu_is_reported(monkeypatch, tmp_path):
     env.add_node(env.add_network(wan_ip="2.1.1.1"))
     with pytest.raises(EnvironmentProblem, match="qemu-system-x86_64 not found.*apt-get install"):
         env.start()
+
+
+def test_lan_over_vmlab_service_addresses_is_rejected():
+    with pytest.raises(ConfigError, match="52.52.0.0/24, where vmlab runs its own services"):
+        Env().add_network(wan_ip="2.1.1.1", lan="52.52.0.0/16")
+
+
+def test_overlap_with_default_lan_says_it_is_the_default():
+    env = Env()
+    env.add_network(wan_ip="2.1.1.1")
+    with pytest.raises(ConfigError, match=r"lan defaults to 192.168.0.0/24.*lan=\"192.168.2.0/24\""):
+        env.add_network(wan_ip="2.1.1.2")

@@ -204,8 +204,10 @@ def test_two_processes_on_an_empty_cache_prepare_once(isolated_snapshots):
 
 @pytest.mark.vm
 def test_prepare_killed_half_way_leaves_nothing_usable(isolated_snapshots):
+    # TMPDIR: the killed process cannot remove its run dirs; let pytest's tmp_path hold them.
     proc = subprocess.Popen([sys.executable, "-c", PREPARER, "victim"], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+                            stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "TMPDIR": str(isolated_snapshots.parent)})
     for line in proc.stdout:
         if "booting the image" in line:
             time.sleep(1.0)  # QEMU is up and writing the RAM file

@@ -117,6 +117,11 @@ def test_agent_timeout_names_node_and_shows_console(tmp_path):
         env.start()
     assert "slowpoke" in str(err.value) and err.value.node == "slowpoke"
     assert env._state == "closed"
+    # the console the message points at is still there to read
+    console = env.work_dir / "slowpoke" / "console.log"
+    assert str(console) in str(err.value) and console.exists()
+    import shutil
+    shutil.rmtree(env.work_dir)
 
 
 CHILD = textwrap.dedent("""
@@ -140,8 +145,10 @@ CHILD = textwrap.dedent("""
 """)
 
 
-def test_no_qemu_survives_a_killed_test_process():
-    child = subprocess.Popen([sys.executable, "-c", CHILD], stdout=subprocess.PIPE, text=True)
+def test_no_qemu_survives_a_killed_test_process(tmp_path):
+    # TMPDIR: the killed process cannot remove its work dir; let pytest's tmp_path hold it.
+    child = subprocess.Popen([sys.executable, "-c", CHILD], stdout=subprocess.PIPE, text=True,
+                             env={**os.environ, "TMPDIR": str(tmp_path)})
     try:
         qemu_pid = int(child.stdout.readline())
         assert os.path.exists(f"/proc/{qemu_pid}")

@@ -1,4 +1,4 @@
-"""The `vmlab` command: demo, image build/ls, doctor."""
+"""The `vmlab` command: demo, image build/ls, snapshot ls/prune, bench boot/vnet, doctor."""
 from __future__ import annotations
 
 import argparse
@@ -70,23 +70,36 @@ def _cmd_bench_vnet(args) -> int:
 
 
 def _cmd_doctor(args) -> int:
+    """Report every check, carrying on past failures: a diagnosis should show all it can."""
+    from .errors import VmlabError
     from .paths import cache_root, ensure_writable_dir
     from .vm.accel import choose_accel
+    problems = 0
     qemu = shutil.which("qemu-system-x86_64")
     print(f"qemu-system-x86_64: {qemu or 'MISSING (sudo apt-get install qemu-system-x86 qemu-utils)'}")
     if qemu:
         print("  " + subprocess.run([qemu, "--version"], capture_output=True, text=True)
               .stdout.splitlines()[0])
-    root = ensure_writable_dir(cache_root())
-    print(f"cache: {root} (writable)")
-    choice = choose_accel()
-    print(f"accelerator: {choice.name} — {choice.reason}")
-    return 0
+    else:
+        problems += 1
+    try:
+        print(f"cache: {ensure_writable_dir(cache_root())} (writable)")
+    except VmlabError as err:
+        print(f"cache: PROBLEM: {err}")
+        problems += 1
+    try:
+        choice = choose_accel()
+        print(f"accelerator: {choice.name} — {choice.reason}")
+    except VmlabError as err:
+        print(f"accelerator: PROBLEM: {err}")
+        problems += 1
+    return 1 if problems else 0
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="vmlab", description=__doc__)
-    parser.add_argument("-v", "--verbose", action="count", default=0)
+    parser.add_argument("-v", "--verbose", action="count", default=0,
+                        help="log more (-v: info, -vv: debug)")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("demo", help="boot three VMs on a simulated NAT'd internet and check it")
     p.add_argument("--image", default="appliance", help="the image of every node")

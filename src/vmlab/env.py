@@ -196,12 +196,18 @@ class Env:
                     raise ConfigError(f"add_network: routed (nat='none') LAN {lan_net} contains "
                                       f"{other.name}'s WAN IP {other.wan_ip}; pick another prefix")
         name = name or f"net{len(self.networks) + 1}"
+        if lan_net.overlaps(RESERVED_PUBLIC):
+            raise ConfigError(f"add_network: LAN {lan_net} overlaps {RESERVED_PUBLIC}, where vmlab "
+                              f"runs its own services (the driver at {TEST_DRIVER_IPV4}, DNS, "
+                              f"STUN); pick another prefix, like 192.168.1.0/24")
         for other in self.networks:
             if other.name == name:
                 raise ConfigError(f"add_network: a network named {name!r} exists already")
             if other.lan is not None and other.lan.overlaps(lan_net):
-                raise ConfigError(f"add_network: LAN {lan_net} overlaps {other.name}'s LAN "
-                                  f"{other.lan}; give each network its own prefix")
+                default = " (lan defaults to 192.168.0.0/24)" if lan == "192.168.0.0/24" else ""
+                raise ConfigError(f"add_network: LAN {lan_net}{default} overlaps {other.name}'s "
+                                  f"LAN {other.lan}; give each network its own prefix, e.g. "
+                                  f"lan=\"192.168.{len(self.networks) + 1}.0/24\"")
             if other.wan_ip == wan:
                 raise ConfigError(f"add_network: WAN IP {wan} is already {other.name}'s; "
                                   f"each network needs its own WAN IP")
@@ -352,6 +358,11 @@ class Env:
         except BaseException as err:
             self.plan.fail_running(err)
             self._state = "failed"
+            if self.work_dir is not None:
+                # The consoles and QEMU logs are what explains a failed start: keep them
+                # (the error message points into this directory).
+                self.keep_work_dir = True
+                log.warning("start failed; keeping %s for inspection", self.work_dir)
             self.close()
             raise
         self._state = "started"

@@ -437,6 +437,14 @@ class QemuVm:
                 raise self._crashed("starting (before QMP answered)")
             if self.cfg.qmp_path.exists():
                 client = QMPClient(self.cfg.name)
+                # QEMU creates the socket file a moment before it listens, so an early attempt
+                # is refused; qemu.qmp logs that as an ERROR. It is expected here and retried,
+                # so this VM's qemu.qmp loggers are quiet until the connection is up.
+                quiet = [logging.getLogger(f"qemu.qmp.{part}.{self.cfg.name}")
+                         for part in ("protocol", "qmp_client")]
+                levels = [q.level for q in quiet]
+                for q in quiet:
+                    q.setLevel(logging.CRITICAL)
                 try:
                     remaining = max(0.1, deadline - time.monotonic())
                     await asyncio.wait_for(client.connect(str(self.cfg.qmp_path)), remaining)
@@ -445,6 +453,9 @@ class QemuVm:
                 except (QMPError, OSError, asyncio.TimeoutError) as err:
                     last = err
                     await self._disconnect_quietly(client)
+                finally:
+                    for q, level in zip(quiet, levels):
+                        q.setLevel(level)
             if time.monotonic() >= deadline:
                 if self._exited.is_set():
                     raise self._crashed("starting (before QMP answered)")
