@@ -358,7 +358,7 @@ class Env:
         except BaseException as err:
             self.plan.fail_running(err)
             self._state = "failed"
-            if self.work_dir is not None:
+            if self.work_dir is not None and any(self.work_dir.iterdir()):
                 # The consoles and QEMU logs are what explains a failed start: keep them
                 # (the error message points into this directory).
                 self.keep_work_dir = True
