@@ -109,3 +109,13 @@ def test_configure_nic_sets_mac_address_and_default_route():
         assert "default via 10.9.8.1 dev v0" in route
     finally:
         subprocess.run(["ip", "netns", "del", ns])
+
+
+def test_rename_in_hosts_replaces_the_snapshot_name(tmp_path):
+    hosts = tmp_path / "hosts"
+    hosts.write_text("127.0.0.1 localhost vmlab-snapshot\n::1 localhost ip6-localhost\n")
+    guest.rename_in_hosts("vmlab-snapshot", "alice", str(hosts))
+    assert hosts.read_text() == "127.0.0.1 localhost alice\n::1 localhost ip6-localhost\n"
+    hosts.write_text("127.0.0.1 localhost\n")
+    guest.rename_in_hosts("debian", "bob", str(hosts))
+    assert hosts.read_text() == "127.0.0.1 localhost\n127.0.1.1 bob\n"

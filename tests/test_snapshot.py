@@ -130,6 +130,7 @@ def test_restored_nodes_get_their_own_identity_clock_and_randomness():
             eth0 = [i for i in st["interfaces"] if i["name"] == "eth0"][0]
             assert eth0["mac"] == node.mac and f"{node.lan_ip()}/24" in eth0["ipv4"]
             assert st["hostname"] == node.name
+            assert node.name in node.exec("cat /etc/hosts").stdout.split()
             assert abs(st["time"] - time.time()) < 2.0, "guest clock not set after restore"
         assert a.mac != b.mac
         assert a.ping(b.lan_ip()).ok  # and they reach each other on the LAN

@@ -799,8 +799,10 @@ def apply_identity(cfg: dict, config: "Config") -> None:
     if cfg.get("hostname"):
         config.hostname = cfg["hostname"]
         try:
+            old_name = _read("/proc/sys/kernel/hostname").strip()
             with open("/proc/sys/kernel/hostname", "w") as f:
                 f.write(cfg["hostname"])
+            rename_in_hosts(old_name, cfg["hostname"])
         except OSError as err:
             log(f"cannot set hostname: {err}")
     if cfg.get("time"):
@@ -815,6 +817,20 @@ def apply_identity(cfg: dict, config: "Config") -> None:
         config.driver = parse_host_port(cfg["driver"])
     if cfg.get("driver6"):
         config.driver6 = parse_host_port(cfg["driver6"])
+
+
+def rename_in_hosts(old: str, new: str, path: str = "/etc/hosts") -> None:
+    """The snapshot's /etc/hosts names the snapshot: make it name this node instead."""
+    try:
+        lines = open(path).read().splitlines()
+    except OSError:
+        lines = ["127.0.0.1 localhost"]
+    out = [" ".join(new if word == old else word for word in line.split()) if old else line
+           for line in lines]
+    if not any(new in line.split() for line in out):
+        out.append(f"127.0.1.1 {new}")
+    with open(path, "w") as f:
+        f.write("\n".join(out) + "\n")
 
 
 def apply_network(cfg: dict, config: "Config") -> dict:
