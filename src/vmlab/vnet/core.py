@@ -25,6 +25,7 @@ from typing import Callable
 from .conditions import LinkConditions, Shaper
 from .dns import DnsRecords, DnsServer, tcp_acceptor
 from .drops import count_drop
+from .flows import FlowCache
 from .frames import mac_bytes
 from .internet import TEST_DRIVER_IPV4, TEST_DRIVER_PORT, Internet
 from .nat import NatBehavior, NatType
@@ -92,6 +93,9 @@ class VNet:
         self.on_event = on_event or (lambda kind, data: None)
         #: network name -> its link conditions' shaper (only networks that have conditions)
         self.shapers: dict[str, Shaper] = {}
+        #: the fast path for flows the full path merely forwards (see flows.py)
+        self.flows = FlowCache()
+        self._blackholes: set[str] = set()
         #: capture hook for NIC traffic: tap(port name, frame, now); see set_tap
         self.tap: Callable[[str, bytes, float | None], None] | None = None
         self.drops_nic: dict[str, int] = {}
@@ -158,6 +162,7 @@ class VNet:
     def listen_tcp(self, ip: IPv4Address, port: int,
                    on_accept: Callable[[Router, TcpConnection], None], what: str) -> None:
         """Terminate TCP to ip:port in vnet itself, on every network's LAN side."""
+        self.flows.clear()  # what is reachable changed
         self.internet.add_vip(ip, what)
         self.internet.lan_tcp_vips.add(ip)
         self._tcp_listeners.append((ip, port, on_accept))
@@ -177,8 +182,18 @@ class VNet:
             return []
         if self.tap is not None:
             self.tap(port.name, frame, now)
+        fast = self.tap is None and not self.shapers and not self._blackholes
+        if fast:
+            key, out = self.flows.lookup(port, frame, now)
+            if out is not None:
+                return out
         router = self.routers[port.network]
-        return self._deliver(router.switch.from_port(port, frame, now), now)
+        out = self._deliver(router.switch.from_port(port, frame, now), now)
+        if fast:
+            self.flows.learn(key, frame, out, now)
+        else:
+            self.flows.clear()
+        return out
 
     def _deliver(self, emits: list[Emit], now: float) -> list[Emit]:
         """The last hop to every NIC: link state, link conditions, capture."""
@@ -263,11 +278,17 @@ class VNet:
 
     def set_link(self, port_name: str, up: bool) -> None:
         """Plug (True) or pull (False) the cable of one NIC, as vnet sees it."""
+        self.flows.clear()  # what is reachable changed
         self.ports[port_name].link_up = bool(up)
 
     def set_blackhole(self, network: str, on: bool) -> None:
         """Cut (True) or restore (False) a network's WAN, both families, both directions."""
         self.routers[network].blackholed = bool(on)
+        if on:
+            self._blackholes.add(network)
+        else:
+            self._blackholes.discard(network)
+        self.flows.clear()
 
     def set_tap(self, tap: Callable[[str, bytes, float | None], None] | None) -> None:
         """Record traffic: `tap(interface, data, now)` for every frame a NIC sends or gets
@@ -281,6 +302,7 @@ class VNet:
 
     def serve_udp(self, ip, port: int, handler, what: str) -> None:
         """Put a UDP service on public address `ip` (made a VIP if it is not one)."""
+        self.flows.clear()  # what is reachable changed
         if ip not in self.internet.vips:
             self.internet.add_vip(ip, what)
         self.internet.serve_udp(ip, port, handler)
@@ -288,6 +310,7 @@ class VNet:
     def listen_tcp_vip(self, ip, port: int, on_accept: Callable[[TcpConnection], None],
                        what: str) -> None:
         """Serve TCP on public address `ip` (made a VIP if it is not one), after the NAT."""
+        self.flows.clear()  # what is reachable changed
         if ip not in self.internet.vips:
             self.internet.add_vip(ip, what)
         self.internet.listen_tcp(ip, port, on_accept)
