@@ -30,22 +30,47 @@ def _cmd_image_build(args) -> int:
     return 0
 
 
+def _dir_mb(path) -> float:
+    return sum(f.stat().st_blocks * 512 for f in path.rglob("*") if f.is_file()) / 1e6
+
+
 def _cmd_image_ls(args) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
     from .images import list_images
+    from .paths import cache_root
+    root = cache_root() / "images"
+    built = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")) \
+        if root.is_dir() else []
+    table = Table(title=f"images (cache: {root})")
+    table.add_column("image", no_wrap=True)
+    table.add_column("what it is")
+    table.add_column("built entries", overflow="fold")
     for kind in list_images():
-        print(f"{kind.name:12} {kind.description}")
+        mine = [p for p in built if p.name.startswith((f"{kind.name}-", f"{kind.name}+"))]
+        table.add_row(kind.name, kind.description,
+                      "\n".join(f"{p.name} ({_dir_mb(p):.0f} MB)" for p in mine) or "not built")
+    Console().print(table)
     return 0
 
 
 def _cmd_snapshot_ls(args) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
     from .snapshot.cache import list_entries, snapshots_dir
     entries = list_entries()
-    print(f"{snapshots_dir()}: {len(entries)} entr{'y' if len(entries) == 1 else 'ies'}")
+    table = Table(title=f"snapshots (cache: {snapshots_dir()})")
+    table.add_column("key", overflow="fold", min_width=20)
+    table.add_column("OS", overflow="fold")
+    for col in ("RAM used", "prepared in", "state"):
+        table.add_column(col, no_wrap=True)
     for entry, meta, problem in entries:
-        used = meta.get("ram_used_bytes", 0) >> 20
-        print(f"{entry.key:48} {meta.get('os', '?')[:40]:40} RAM {used:4d} MB used  "
-              f"prepared in {meta.get('prepare_s', '?')} s  "
-              f"{'OK' if problem is None else 'BROKEN: ' + problem}")
+        table.add_row(entry.key, meta.get("os", "?"), f"{meta.get('ram_used_bytes', 0) >> 20} MB",
+                      f"{meta.get('prepare_s', '?')} s",
+                      "[green]OK" if problem is None else f"[red]BROKEN: {problem}")
+    Console().print(table)
     return 0
 
 
