@@ -1,6 +1,7 @@
 """The snapshot cache: keys, staleness, atomic publishing, fallbacks, and restored nodes."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -224,3 +225,23 @@ def test_prepare_killed_half_way_leaves_nothing_usable(isolated_snapshots):
         env.start()
         assert node.boot_mode == "restore"
     assert not [p for p in root.iterdir() if p.name.startswith(".tmp-")]
+
+
+def test_disk_image_key_changes_with_the_agent_it_installs(monkeypatch):
+    # The agent goes into a disk image at preparation time, so it must be part of the key;
+    # the appliance's agent is already inside its image digest.
+    import importlib
+    P = importlib.import_module("vmlab.snapshot.prepare")  # the module, not the function
+    disk_image = dataclasses.replace(_fake_image(name="debian"), disk=Path("/d/disk.qcow2"))
+    before = _spec(image=disk_image).key
+    real = P.agent_files
+
+    def changed():
+        files = dict(real())
+        data, mode = files["/vmlab/agent.py"]
+        files["/vmlab/agent.py"] = (data + b"\n# changed\n", mode)
+        return files
+
+    monkeypatch.setattr(P, "agent_files", changed)
+    assert _spec(image=disk_image).key != before
+    assert _spec().key == _spec().key  # the appliance key does not depend on it

@@ -126,6 +126,13 @@ class SnapshotSpec:
                   "image_digest": self.image.digest, "code_version": SNAPSHOT_CODE_VERSION}
         if self.provision is not None:
             inputs["provision"] = {"name": self.provision.name, "digest": self.provision.digest}
+        if self.image.disk is not None:
+            # A disk image gets its agent installed while the snapshot is prepared (the
+            # appliance's is part of its image digest): a changed agent must make a new entry.
+            from .prepare import agent_files
+            files = agent_files()
+            inputs["agent_files"] = {path: hashlib.sha256(data).hexdigest()
+                                     for path, (data, _mode) in sorted(files.items())}
         return inputs
 
     def fingerprint(self) -> str:
