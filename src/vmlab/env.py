@@ -594,20 +594,16 @@ class Env:
         """Wait for the node's agent; fail at once if QEMU exits, or with the console tail
         when the budget runs out."""
         # A node without an agent is ready once its config is applied (its address is set).
-        connected = asyncio.ensure_future(node.hostchan.applied.wait() if node.no_agent
-                                          else self._driver.wait_connected(node.mac))
-        exited = asyncio.ensure_future(node.vm.wait_exit(None))
+        ready = (node.hostchan.applied.wait() if node.no_agent
+                 else self._driver.wait_connected(node.mac))
         try:
-            done, _ = await asyncio.wait({connected, exited}, timeout=self.agent_timeout_s,
-                                         return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for f in (connected, exited):
-                if not f.done():
-                    f.cancel()
-        if connected in done:
+            finished, _ = await node.vm.until(ready, self.agent_timeout_s)
+        except asyncio.TimeoutError:
+            finished = None
+        if finished:
             return
         tail = node.console_tail(30)
-        if exited in done:
+        if finished is False:
             raise NodeCrashed(f"node {node.name!r}: QEMU exited (code {node.vm.returncode}) before "
                               f"its agent connected; console tail:\n{tail}")
         raise AgentTimeout(f"node {node.name!r}: agent did not connect within "

@@ -140,23 +140,16 @@ async def prepare(spec: SnapshotSpec, out_dir: Path,
 
 async def _until(awaitable, vm: QemuVm, timeout_s: float, what: str):
     """Await `awaitable`, failing fast if QEMU exits, with the console tail on failure."""
-    task = asyncio.ensure_future(awaitable)
-    exited = asyncio.ensure_future(vm.exited.wait())
     try:
-        done, _ = await asyncio.wait({task, exited}, timeout=timeout_s,
-                                     return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for f in (task, exited):
-            if not f.done():
-                f.cancel()
-    if task in done:
-        return task.result()
-    tail = vm.console_tail(25)
-    if exited in done:
+        finished, result = await vm.until(awaitable, timeout_s)
+    except asyncio.TimeoutError:
+        tail = vm.console_tail(25)
+        raise VmlabTimeout(f"snapshot preparation: {what} within {timeout_s:.0f} s; console "
+                           f"tail:\n{tail}", last=tail) from None
+    if not finished:
         raise NodeCrashed(f"snapshot preparation: QEMU exited (code {vm.returncode}): {what}; "
-                          f"console tail:\n{tail}")
-    raise VmlabTimeout(f"snapshot preparation: {what} within {timeout_s:.0f} s; console tail:\n{tail}",
-                       last=tail)
+                          f"console tail:\n{vm.console_tail(25)}")
+    return result
 
 
 # ---------------------------------------------------------------- disk images

@@ -504,6 +504,26 @@ class QemuVm:
                 f"(uninterruptible sleep?); check /proc/{self.pid}/stack and dmesg",
                 last=self._proc.pid) from None
 
+    async def until(self, awaitable, timeout_s: float | None) -> tuple[bool, Any]:
+        """Await `awaitable` unless QEMU exits first: (True, its result) when it finished,
+        (False, None) when QEMU exited. Raises asyncio.TimeoutError when `timeout_s` ran out
+        first. Callers turn the last two into errors that say what they were waiting for."""
+        assert self._exited is not None, "start() first"
+        task = asyncio.ensure_future(awaitable)
+        exited = asyncio.ensure_future(self._exited.wait())
+        try:
+            done, _ = await asyncio.wait({task, exited}, timeout=timeout_s,
+                                         return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for f in (task, exited):
+                if not f.done():
+                    f.cancel()
+        if task in done:
+            return True, task.result()
+        if exited in done:
+            return False, None
+        raise asyncio.TimeoutError
+
     async def wait_exit(self, timeout_s: float) -> int:
         """Wait until QEMU exits (e.g. the guest powered off) and return its exit code.
 
