@@ -117,11 +117,9 @@ def ensure(*, force: bool = False, progress=None):
 
     t0 = time.monotonic()
     report(f"{NAME}: resolving Debian packages", None, None)
-    kernel_pkg = debs.resolve_dependency(KERNEL_META_PACKAGE, "linux-image-")
-    versions = debs.resolve_candidates([kernel_pkg, *PACKAGES])
-    fetched = debs.download(versions, cache.debs_dir(),
-                            progress=lambda m, d, t: report(f"{NAME}: {m}", d, t))
-    packages = {n: {"version": d.version, "sha256": d.sha256} for n, d in sorted(fetched.items())}
+    kernel_pkg, fetched, packages = debs.fetch_with_kernel(
+        KERNEL_META_PACKAGE, PACKAGES, cache.debs_dir(),
+        progress=lambda m, d, t: report(f"{NAME}: {m}", d, t))
     digest = image_digest(key, packages)
     cache.images_dir()  # creates it
     cache.save_manifest(manifest_path, key, packages)

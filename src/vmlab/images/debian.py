@@ -207,11 +207,9 @@ def ensure(*, packages=(), force: bool = False, progress=None):
 
     t0 = time.monotonic()
     report(f"{name}: resolving the kernel and busybox-static", None, None)
-    kernel_pkg = debs.resolve_dependency(KERNEL_META_PACKAGE, "linux-image-")
-    versions = debs.resolve_candidates([kernel_pkg, *INITRD_PACKAGES])
-    fetched = debs.download(versions, cache.debs_dir(),
-                            progress=lambda m, d, t: report(f"{name}: {m}", d, t))
-    resolved = {n: {"version": d.version, "sha256": d.sha256} for n, d in sorted(fetched.items())}
+    kernel_pkg, fetched, resolved = debs.fetch_with_kernel(
+        KERNEL_META_PACKAGE, INITRD_PACKAGES, cache.debs_dir(),
+        progress=lambda m, d, t: report(f"{name}: {m}", d, t))
     digest = cache.digest_of({"key": key, "debs": resolved})
     cache.images_dir()
     cache.save_manifest(manifest_path, key, resolved)

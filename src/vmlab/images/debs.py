@@ -138,6 +138,16 @@ def download(packages: dict[str, str], dest: Path, *, progress=None) -> dict[str
     return result
 
 
+def fetch_with_kernel(kernel_meta: str, names: list[str], dest: Path, *,
+                      progress=None) -> tuple[str, dict[str, Deb], dict[str, dict]]:
+    """Resolve the concrete kernel package behind `kernel_meta`, then download it and `names`.
+    Returns (kernel package, the downloaded debs, {name: {version, sha256}} for digests)."""
+    kernel_pkg = resolve_dependency(kernel_meta, "linux-image-")
+    fetched = download(resolve_candidates([kernel_pkg, *names]), dest, progress=progress)
+    pinned = {n: {"version": d.version, "sha256": d.sha256} for n, d in sorted(fetched.items())}
+    return kernel_pkg, fetched, pinned
+
+
 def extract(deb: Deb, dest: Path) -> None:
     """Unpack a .deb's files (not its scripts) into dest."""
     _run([_tool("dpkg-deb"), "-x", str(deb.path), str(dest)])
