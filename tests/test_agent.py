@@ -299,3 +299,22 @@ def test_concurrent_requests_on_separate_connections(driver, agent):
     assert time.monotonic() - t0 < 0.9, "a slow request on one connection blocked another"
     t.join(10)
     assert results["slow"][0] == 200
+
+
+def test_nic_names_follow_pci_order_whatever_the_guest_calls_them(tmp_path):
+    """NIC i of the host channel config is the guest's i-th NIC in PCI order: udev's
+    predictable names (cloud images) sort differently from the slots, and virtual
+    interfaces have no device at all."""
+    devices = tmp_path / "devices/pci0000:00"
+    net = tmp_path / "class/net"
+    net.mkdir(parents=True)
+    for name, slot in (("ens10", "0000:00:03.0"), ("ens4", "0000:00:0a.0"),
+                       ("ens3", "0000:00:02.0")):
+        dev = devices / slot / "virtio1"
+        dev.mkdir(parents=True)
+        (net / name).mkdir()
+        (net / name / "device").symlink_to(dev)
+    for virtual in ("lo", "wg0"):
+        (net / virtual).mkdir()
+    assert agent_mod.nic_names(str(net)) == ["ens3", "ens10", "ens4"]
+    assert agent_mod.nic_names(str(tmp_path / "missing")) == []

@@ -464,7 +464,9 @@ class Env:
             return cfg
         # An IPv6-only NIC gets no IPv4 ("ip" None): the agent only sets its MAC and brings
         # it up, and SLAAC does the rest.
-        nics = [{"name": f"eth{i}", "mac": node.macs[i],
+        # No interface names: NIC i is the guest's i-th NIC in PCI order, whatever it is called
+        # there (eth0 here, ens3 in a cloud image with udev's predictable names).
+        nics = [{"mac": node.macs[i],
                  "ip": str(node.lan_ip(net)) if net.ipv4 else None,
                  "mask": str(net.lan.netmask) if net.ipv4 else None,
                  "gw": str(net.gateway) if i == 0 and net.ipv4 else None,

@@ -115,7 +115,7 @@ class Config:
         parser = argparse.ArgumentParser(description="vmlab guest agent")
         parser.add_argument("--driver", help="HOST:PORT to dial (default: vmlab.driver= or 52.52.0.2:8008)")
         parser.add_argument("--hostname", help="name reported to the driver (default: the system's)")
-        parser.add_argument("--no-dhcp", action="store_true", help="do not run udhcpc on eth* (host-side tests)")
+        parser.add_argument("--no-dhcp", action="store_true", help="do not run udhcpc on the NICs (host-side tests)")
         args = parser.parse_args(argv)
         cmdline = read_kernel_cmdline()
         driver = DEFAULT_DRIVER
@@ -159,11 +159,36 @@ def interface_mac(name: str) -> str:
     return _read(f"/sys/class/net/{name}/address").lower()
 
 
+def nic_names(sys_net: str = "/sys/class/net") -> list[str]:
+    """The guest's hardware NICs in the order QEMU plugged them (PCI address order).
+
+    vmlab's NIC i is the i-th of these, whatever the guest calls it: the kernel's ethN, or
+    udev's predictable ens3/enp0s4 in a cloud image. Virtual interfaces (lo, bridges, tunnels)
+    have no `device` link and are left out."""
+    found = []
+    try:
+        names = os.listdir(sys_net)
+    except OSError:
+        return []
+    for name in names:
+        device = os.path.join(sys_net, name, "device")
+        if os.path.exists(device):
+            # .../pci0000:00/0000:00:03.0/virtio0: the path sorts by bus, slot, function
+            found.append((os.path.realpath(device), name))
+    return [name for _path, name in sorted(found)]
+
+
+def primary_nic_name() -> str:
+    nics = nic_names()
+    return nics[0] if nics else "eth0"
+
+
 def primary_mac() -> str:
-    """eth0's MAC, else the first non-loopback interface's (on a host), else ''."""
+    """The first NIC's MAC, else the first non-loopback interface's (on a host), else ''."""
+    nics = nic_names()
+    if nics:
+        return interface_mac(nics[0])
     names = interface_names()
-    if "eth0" in names:
-        return interface_mac("eth0")
     for name in names:
         mac = interface_mac(name)
         if name != "lo" and mac and mac != "00:00:00:00:00:00":
@@ -201,11 +226,17 @@ def interfaces() -> list[dict]:
 
 
 def os_description() -> str:
+    """What vmlab's image wrote in OS_FILE, else (an image vmlab did not build, such as a
+    cloud image) the distribution's own name from os-release, with kernel and python."""
     text = _read(OS_FILE)
     if text:
         return text
     u = os.uname()
-    return f"{u.sysname} {u.release} (python {sys.version.split()[0]})"
+    name = u.sysname
+    for line in _read("/etc/os-release").splitlines():
+        if line.startswith("PRETTY_NAME="):
+            name = line.split("=", 1)[1].strip().strip('"') or name
+    return f"{name} (kernel {u.release}, python {sys.version.split()[0]})"
 
 
 def uptime_s() -> float:
@@ -838,8 +869,9 @@ def apply_network(cfg: dict, config: "Config") -> dict:
     if cfg.get("dhcp"):
         DhcpSupervisor().start()
         return {"mode": "dhcp"}
+    devices = nic_names()
     for i, nic in enumerate(cfg.get("nics") or []):
-        dev = nic.get("name") or f"eth{i}"
+        dev = nic.get("name") or (devices[i] if i < len(devices) else f"eth{i}")
         mask = nic.get("mask") or "255.255.255.0"
         gw = nic.get("gw") if i == 0 else None
         if not nic.get("ip"):
@@ -871,7 +903,7 @@ def apply_network(cfg: dict, config: "Config") -> dict:
         except OSError as err:
             log(f"cannot write resolv.conf: {err}")
     nics = cfg.get("nics") or []
-    return {"mode": "static", "macs": [interface_mac(f"eth{i}") for i in range(len(nics))]}
+    return {"mode": "static", "macs": [interface_mac(d) for d in devices[:len(nics)]]}
 
 
 def reseed(seed: bytes) -> None:
@@ -896,11 +928,11 @@ def reseed(seed: bytes) -> None:
 # ---------------------------------------------------------------- DHCP
 
 class DhcpSupervisor:
-    """Runs one long-lived busybox udhcpc per eth* interface and restarts it if it exits.
+    """Runs one long-lived busybox udhcpc per NIC (`nic_names`) and restarts it if it exits.
 
     udhcpc stays in the foreground (-f) so leases renew; it never gives up (no -n): it sends
     3 discovers 1 s apart (-t 3 -T 1), then waits 1 s (-A 1), forever. The script it runs sets the
-    address and, for eth0 only, the default route and /etc/resolv.conf, and logs the lease.
+    address and, for the first NIC only, the default route and /etc/resolv.conf, and logs the lease.
     """
 
     def __init__(self, script: str = UDHCPC_SCRIPT):
@@ -911,12 +943,11 @@ class DhcpSupervisor:
         if udhcpc is None:
             log("dhcp: no busybox udhcpc; not configuring interfaces")
             return
-        for name in interface_names():
-            if name.startswith("eth"):
-                threading.Thread(target=self._supervise, args=(udhcpc, name),
-                                 name=f"udhcpc-{name}", daemon=True).start()
+        for i, name in enumerate(nic_names()):
+            threading.Thread(target=self._supervise, args=(udhcpc, name, i == 0),
+                             name=f"udhcpc-{name}", daemon=True).start()
 
-    def _supervise(self, udhcpc: list[str], name: str) -> None:
+    def _supervise(self, udhcpc: list[str], name: str, primary: bool) -> None:
         pidfile = f"/run/udhcpc.{name}.pid"
         _kill_stale(pidfile, "udhcpc")  # left by a previous agent that /init restarted
         ip = busybox_applet("ip") or ["ip"]
@@ -924,9 +955,11 @@ class DhcpSupervisor:
         while True:
             argv = udhcpc + ["-f", "-i", name, "-s", self.script, "-p", pidfile,
                              "-t", "3", "-T", "1", "-A", "1"]
+            # The hook gives only the first NIC the default route and resolv.conf.
+            env = dict(os.environ, VMLAB_PRIMARY_NIC="1" if primary else "0")
             try:
                 proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                        stderr=subprocess.DEVNULL)
+                                        stderr=subprocess.DEVNULL, env=env)
             except OSError as err:
                 log(f"dhcp: cannot start udhcpc on {name}: {err}")
                 return
@@ -1182,7 +1215,7 @@ def main(argv: list[str] | None = None) -> int:
         info["applied_to_up_s"] = round(time.monotonic() - t0 - info["apply_s"], 4)
         nics = cfg.get("nics") or []
         if nics:
-            configured = (f"host channel: {nics[0].get('name', 'eth0')} set to {nics[0]['ip']} "
+            configured = (f"host channel: {nics[0].get('name') or primary_nic_name()} set to {nics[0]['ip']} "
                           f"mac {nics[0].get('mac')} via {nics[0].get('gw')} (applied in "
                           f"{info['apply_s']:.3f} s, link up after {info['applied_to_up_s']:.3f} s)")
         if cfg.get("agent") is False:

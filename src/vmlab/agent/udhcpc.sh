@@ -1,7 +1,8 @@
 #!/bin/sh
 # busybox udhcpc hook for the vmlab agent. udhcpc sets $interface, $ip, $mask (prefix length),
-# $router, $dns. Only eth0 gets the default route and /etc/resolv.conf: the other NICs are
-# LAN-only. The agent discards udhcpc's own chatter, so this logs to the console itself.
+# $router, $dns. Only the first NIC (the agent sets VMLAB_PRIMARY_NIC=1 for it; the guest may
+# call it eth0 or ens3) gets the default route and /etc/resolv.conf: the other NICs are LAN-only.
+# The agent discards udhcpc's own chatter, so this logs to the console itself.
 # Flushes are IPv4-only: a plain flush would remove the kernel's IPv6 link-local and SLAAC
 # addresses too, and they do not come back until the link goes down and up.
 log() { echo "vmlab-agent: $*" > /dev/console 2>/dev/null || echo "vmlab-agent: $*"; }
@@ -20,7 +21,7 @@ case "$1" in
     ip addr add "$new" dev "$interface"
     echo "$new" > "$state"
     gw=${router%% *}
-    if [ "$interface" = eth0 ]; then
+    if [ "${VMLAB_PRIMARY_NIC:-0}" = 1 ]; then
       [ -n "$gw" ] && { ip route del default 2>/dev/null; ip route add default via "$gw" dev "$interface"; }
       : > /etc/resolv.conf
       for d in $dns; do echo "nameserver $d" >> /etc/resolv.conf; done
