@@ -296,3 +296,46 @@ def test_env_rejects_two_different_provisions_with_one_name():
     env.add_node(lan, image="debian", provision=Provision("p", commands=["true"]))
     with pytest.raises(ConfigError, match="different Provision named 'p'"):
         env.add_node(lan, image="debian", provision=Provision("p", commands=["false"]))
+
+
+# ---------------------------------------------------------------- bootable disks
+
+def test_mbr_has_grubs_code_the_signature_and_one_bootable_linux_partition():
+    import struct
+
+    from vmlab.images import bootdisk
+    code = bytes(range(256)) * 2
+    sector = bootdisk.mbr(8 << 20, code, 0x12345678)
+    assert len(sector) == 512 and sector[510:] == b"\x55\xaa"
+    assert sector[:440] == code[:440]  # the rest of boot.img would overwrite the table
+    assert struct.unpack_from("<I", sector, 440)[0] == 0x12345678
+    status, ptype, start, count = struct.unpack_from("<B3xB3xII", sector, 446)
+    assert (status, ptype, start, count) == (0x80, 0x83, 2048, (8 << 20) - 2048)
+    assert sector[462:510] == bytes(48)  # entries 2-4 empty
+    with pytest.raises(ImageBuildError, match="cannot hold"):
+        bootdisk.mbr(1000, code, 1)
+
+
+def test_grub_cfg_boots_the_one_entry_at_once():
+    from vmlab.images import bootdisk
+    cfg = bootdisk.grub_cfg("/boot/vmlinuz-6", "/boot/initrd.img-6", "root=LABEL=root ro", "D")
+    assert "set timeout=0" in cfg
+    assert "  linux /boot/vmlinuz-6 root=LABEL=root ro\n  initrd /boot/initrd.img-6\n" in cfg
+    assert "initrd" not in bootdisk.grub_cfg("/k", None, "ro", "D")
+
+
+def test_write_bios_disk_refuses_a_root_without_grub(tmp_path):
+    from vmlab.images import bootdisk
+    with pytest.raises(ImageBuildError, match="grub-pc-bin"):
+        bootdisk.write_bios_disk(tmp_path, tmp_path / "d.raw", size_bytes=1 << 30, cfg="")
+
+
+def test_local_cloud_qcow2_recipe_has_what_the_cloud_kind_needs():
+    from vmlab.images import cloudbuild
+    need = {"cloud-init", "openssh-server", "python3", "iproute2", "systemd-sysv", "udev",
+            "grub-pc-bin", "linux-image-cloud-amd64"}
+    assert need <= set(cloudbuild.PACKAGES)
+    assert cloudbuild.recipe_digest() == cloudbuild.recipe_digest()
+    img = cloudbuild.LocalCloudImage(Path("/x/disk.qcow2"), "ab" * 32)
+    assert img.url == "file:///x/disk.qcow2"
+    assert img.spec().name == "cloud+" + "ab" * 6

@@ -1,4 +1,4 @@
-"""The `vmlab` command: demo, image build/ls, snapshot ls/prune, bench boot/vnet, doctor."""
+"""The `vmlab` command: demo, image build/ls/cloud-qcow2, snapshot ls/prune, bench boot/vnet, doctor."""
 from __future__ import annotations
 
 import argparse
@@ -27,6 +27,14 @@ def _cmd_image_build(args) -> int:
         print(f"{name}: {img.digest[:12]} in {time.monotonic() - t0:.1f} s "
               f"(kernel {img.kernel}, initrd {img.initrd}"
               + (f", disk {img.disk}" if img.disk else "") + ")")
+    return 0
+
+
+def _cmd_image_cloud_qcow2(args) -> int:
+    from .images import _stderr_progress, cloudbuild
+    image = cloudbuild.ensure(force=args.force, progress=_stderr_progress)
+    print(f"{image.path}\nsha256 {image.sha256}\n"
+          f'ImageSpec("cloud", url="{image.url}",\n          sha256="{image.sha256}")')
     return 0
 
 
@@ -142,6 +150,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("names", nargs="*")
     p.add_argument("--force", action="store_true", help="rebuild even if cached")
     p.set_defaults(func=_cmd_image_build)
+    p = img.add_parser("cloud-qcow2", help="build a Debian generic cloud qcow2 here (GRUB, "
+                       "cloud-init) and print the ImageSpec('cloud', ...) that boots it")
+    p.add_argument("--force", action="store_true", help="rebuild even if cached")
+    p.set_defaults(func=_cmd_image_cloud_qcow2)
     p = img.add_parser("ls", help="list known images")
     p.set_defaults(func=_cmd_image_ls)
     snap = sub.add_parser("snapshot", help="list or prune cached snapshots").add_subparsers(

@@ -43,6 +43,7 @@ from . import cache, debs
 from .appliance import KERNEL_ARGS as APPLIANCE_KERNEL_ARGS
 from .appliance import KERNEL_META_PACKAGE, extract_vmlinux, module_load_order
 from .cpio import write_tree
+from .tools import run
 
 __all__ = ["ensure", "recipe_key", "image_name", "MASKED_UNITS", "PREP_MAC", "PREP_GUEST_IP",
            "BASE_PACKAGES"]
@@ -244,21 +245,8 @@ def _load_entry(cls, name: str, digest: str):
 
 # ---------------------------------------------------------------- the build
 
-def _run(argv: list[str], what: str, timeout_s: float = 1800, **kw) -> str:
-    try:
-        proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout_s, **kw)
-    except FileNotFoundError as err:
-        raise ImageBuildError(f"{what}: {argv[0]} not found; install it (scripts/setup.sh "
-                              f"lists the packages)") from err
-    except subprocess.TimeoutExpired as err:
-        raise ImageBuildError(f"{what}: {argv[0]} did not finish within {timeout_s:.0f} s") from err
-    if proc.returncode != 0:
-        raise ImageBuildError(f"{what} failed (exit {proc.returncode}): "
-                              f"{(proc.stderr or proc.stdout).strip()[-2000:]}")
-    return proc.stdout
-
-
-def _debootstrap(rootfs: Path, packages: tuple[str, ...], report, name: str) -> float:
+def debootstrap(rootfs: Path, include: list[str], report, name: str) -> float:
+    """debootstrap --variant=minbase SUITE into `rootfs` with `include`; returns its seconds."""
     tool = shutil.which("debootstrap")
     if tool is None:
         raise ImageBuildError("debootstrap not found: it builds the debian image; install it "
@@ -269,7 +257,7 @@ def _debootstrap(rootfs: Path, packages: tuple[str, ...], report, name: str) -> 
                               "`sudo -E .venv/bin/vmlab image build debian`")
     debs_cache = cache.debs_dir() / "debootstrap"
     debs_cache.mkdir(exist_ok=True)
-    argv = [tool, "--variant=minbase", f"--include={','.join(BASE_PACKAGES + list(packages))}",
+    argv = [tool, "--variant=minbase", f"--include={','.join(include)}",
             f"--cache-dir={debs_cache}", SUITE, str(rootfs), mirror()]
     report(f"{name}: debootstrap {SUITE} from {mirror()} (a minute or two)", None, None)
     t0 = time.monotonic()
@@ -374,12 +362,12 @@ def _build(tmp: Path, name: str, packages: tuple[str, ...], fetched: dict, kerne
     (entry / "vmlinux").write_bytes(extract_vmlinux(vmlinuz[0].read_bytes()))
     modules = _build_initrd(staging, release, entry / "initrd.cpio")
 
-    debootstrap_s = _debootstrap(rootfs, packages, report, name)
-    _run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", f"vmlab-{name}-{digest[:12]}",
+    debootstrap_s = debootstrap(rootfs, BASE_PACKAGES + list(packages), report, name)
+    run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", f"vmlab-{name}-{digest[:12]}",
           "-f", str(entry / "ssh_key")], "ssh-keygen")
-    installed = _run(["chroot", str(rootfs), "dpkg-query", "-W", "-f", "${Package} ${Version}\n"],
+    installed = run(["chroot", str(rootfs), "dpkg-query", "-W", "-f", "${Package} ${Version}\n"],
                      "listing installed packages")
-    pyver = _run(["chroot", str(rootfs), "python3", "-c",
+    pyver = run(["chroot", str(rootfs), "python3", "-c",
                   "import sys; print(sys.version.split()[0])"], "python3 in the image").strip()
     systemd_ver = next((ln.split()[1] for ln in installed.splitlines()
                         if ln.startswith("systemd ")), "?")
@@ -388,10 +376,10 @@ def _build(tmp: Path, name: str, packages: tuple[str, ...], fetched: dict, kerne
 
     report(f"{name}: making the ext4 disk", None, None)
     raw = tmp / "disk.raw"
-    _run(["truncate", "-s", DISK_SIZE, str(raw)], "truncate")
-    _run(["mkfs.ext4", "-q", "-F", "-L", "root", "-E", "lazy_itable_init=0,lazy_journal_init=0",
+    run(["truncate", "-s", DISK_SIZE, str(raw)], "truncate")
+    run(["mkfs.ext4", "-q", "-F", "-L", "root", "-E", "lazy_itable_init=0,lazy_journal_init=0",
           "-d", str(rootfs), str(raw)], "mkfs.ext4")
-    _run(["qemu-img", "convert", "-O", "qcow2", str(raw), str(entry / "disk.qcow2")],
+    run(["qemu-img", "convert", "-O", "qcow2", str(raw), str(entry / "disk.qcow2")],
          "qemu-img convert")
     raw.unlink()
     disk_bytes = (entry / "disk.qcow2").stat().st_size
