@@ -15,9 +15,11 @@ Entry `images/cloud+<sha256[:12]>-<digest12>/`:
 
 From there a cloud image goes the debian image's way: snapshot preparation boots it with the
 prep NIC, waits for SSH, installs the agent as a systemd unit, saves. What it needs from the
-guest: cloud-init with the NoCloud datasource, sshd, python3 (3.9+), iproute2 and systemd,
-and a kernel whose NICs come up as ethN in PCI order (the agent configures eth0, eth1, ...). The digest is the sha256 plus this recipe's version and seed template: the URL is only
-where the bytes come from.
+guest: cloud-init with the NoCloud datasource, sshd, python3 (3.9+), iproute2 and systemd.
+NIC names do not matter (the agent takes NICs in PCI order: eth0 or ens3 alike), and
+preparation waits for cloud-init to finish before installing the agent. The digest is the
+sha256 plus this recipe's version and seed template: the URL is only where the bytes come
+from. Without network access, `vmlab image cloud-qcow2` (images/cloudbuild.py) builds one.
 """
 from __future__ import annotations
 

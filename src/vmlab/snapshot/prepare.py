@@ -69,7 +69,8 @@ async def prepare(spec: SnapshotSpec, out_dir: Path,
             ssh_s = await _until(ssh.wait_up(PREPARE_TIMEOUT_S, what=f"snapshot {spec.name}"),
                                  vm, PREPARE_TIMEOUT_S + 30, "SSH did not come up")
             progress(f"snapshot {spec.name}: SSH up after {time.monotonic() - t0:.1f} s")
-            budget = PREPARE_TIMEOUT_S + (spec.provision.timeout_s if spec.provision else 0)
+            budget = (PREPARE_TIMEOUT_S * (2 if spec.image.seed is not None else 1)
+                      + (spec.provision.timeout_s if spec.provision else 0))
             await _until(install_over_ssh(spec, ssh, progress), vm, budget,
                          "provisioning and installing the agent did not finish")
         await _until(chan.wait_polled(2), vm, PREPARE_TIMEOUT_S,
@@ -190,6 +191,20 @@ async def install_over_ssh(spec: SnapshotSpec, ssh: SshTarget,
                            progress: Callable[[str], None]) -> None:
     """Provision (files, then commands), then install and start the agent's unit."""
     what = f"snapshot {spec.name}"
+    if spec.image.seed is not None:
+        # A cloud image: cloud-init may still be applying the seed (host keys, users, its
+        # final stage) when SSH comes up; a snapshot taken mid-way would finish it in every
+        # clone. `status --wait` exits non-zero when a module failed: that is logged, not fatal.
+        t0 = time.monotonic()
+        progress(f"{what}: waiting for cloud-init to finish")
+        out = await ssh.check("cloud-init status --wait --long >/tmp/vmlab-cloud-init.status "
+                              "2>&1; cat /tmp/vmlab-cloud-init.status",
+                              timeout_s=PREPARE_TIMEOUT_S, what=f"{what}: cloud-init")
+        status = next((ln.split(":", 1)[1].strip() for ln in str(out).splitlines()
+                       if ln.startswith("status:")), "unknown")
+        progress(f"{what}: cloud-init {status} after {time.monotonic() - t0:.1f} s more")
+        if status != "done":
+            log.warning("%s: cloud-init ended with status %s:\n%s", what, status, out)
     prov = spec.provision
     if prov is not None:
         t0 = time.monotonic()
