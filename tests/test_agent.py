@@ -10,6 +10,7 @@ import asyncio
 import base64
 import http.server
 import json
+import os
 import shutil
 import socket
 import subprocess
@@ -318,3 +319,49 @@ def test_nic_names_follow_pci_order_whatever_the_guest_calls_them(tmp_path):
         (net / virtual).mkdir()
     assert agent_mod.nic_names(str(net)) == ["ens3", "ens10", "ens4"]
     assert agent_mod.nic_names(str(tmp_path / "missing")) == []
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="vhangup(2) needs CAP_SYS_TTY_CONFIG")
+def test_log_survives_a_getty_hanging_up_the_console(tmp_path):
+    """A getty starting on the agent's serial console calls vhangup(2): every descriptor
+    open on that tty then fails with EIO. In a cloud image (serial-getty@ttyS0 on) the agent
+    died silently on its next line and its first connection to the driver with it."""
+    import ctypes
+    import select
+    import signal
+    master, slave = os.openpty()
+    tty = os.ttyname(slave)
+    child = subprocess.Popen(
+        [sys.executable, "-c", "import sys\nfrom vmlab.agent import agent\nagent.log('before')\n"
+                               "sys.stdin.readline()\nagent.log('after')\n"],
+        stdin=subprocess.PIPE, stdout=slave, stderr=subprocess.PIPE)
+    os.close(slave)
+    try:
+        deadline = time.monotonic() + 10
+        seen = b""
+        while b"before" not in seen and time.monotonic() < deadline:
+            if select.select([master], [], [], 0.5)[0]:
+                seen += os.read(master, 4096)
+        pid = os.fork()
+        if pid == 0:  # a getty's move: take the tty as controlling terminal, hang it up
+            try:
+                signal.signal(signal.SIGHUP, signal.SIG_IGN)
+                os.setsid()
+                os.open(tty, os.O_RDWR)
+                os._exit(0 if ctypes.CDLL(None, use_errno=True).vhangup() == 0 else 1)
+            finally:
+                os._exit(2)
+        assert os.waitpid(pid, 0)[1] == 0
+        child.stdin.write(b"go\n")
+        child.stdin.flush()
+        assert child.wait(timeout=10) == 0, child.stderr.read().decode()
+        out = b""
+        while select.select([master], [], [], 0.5)[0]:
+            try:
+                out += os.read(master, 4096)
+            except OSError:
+                break
+        assert b"vmlab-agent: after" in out
+    finally:
+        child.kill()
+        os.close(master)

@@ -204,6 +204,11 @@ def test_cloud_image_entry_has_disk_key_and_a_nocloud_seed(tmp_path, monkeypatch
     assert "instance-id:" in read["meta-data"]
     assert debian.PREP_MAC in read["network-config"]
     assert cloud.ensure(url=src.as_uri(), sha256=sha) == image  # cached: same entry
+    # The agent's own busybox (a cloud image may have none): Debian's static build, with
+    # the applets the agent uses.
+    applets = subprocess.run([str(image.agent_busybox), "--list"], capture_output=True,
+                             text=True, check=True).stdout.split()
+    assert {"udhcpc", "ping", "ip", "sh"} <= set(applets)
 
 
 # ---------------------------------------------------------------- files

@@ -236,8 +236,8 @@ def test_disk_image_key_changes_with_the_agent_it_installs(monkeypatch):
     before = _spec(image=disk_image).key
     real = P.agent_files
 
-    def changed():
-        files = dict(real())
+    def changed(image=None):
+        files = dict(real(image))
         data, mode = files["/vmlab/agent.py"]
         files["/vmlab/agent.py"] = (data + b"\n# changed\n", mode)
         return files
@@ -245,3 +245,16 @@ def test_disk_image_key_changes_with_the_agent_it_installs(monkeypatch):
     monkeypatch.setattr(P, "agent_files", changed)
     assert _spec(image=disk_image).key != before
     assert _spec().key == _spec().key  # the appliance key does not depend on it
+
+
+def test_a_cloud_images_own_busybox_is_installed_with_the_agent_and_keyed(tmp_path):
+    from vmlab.snapshot.prepare import agent_files
+    bb = tmp_path / "busybox"
+    bb.write_bytes(b"\x7fELF one")
+    cloud_image = dataclasses.replace(_fake_image(name="cloud+ab"), disk=Path("/d/disk.qcow2"),
+                                      agent_busybox=bb)
+    assert agent_files(cloud_image)["/vmlab/bin/busybox"] == (b"\x7fELF one", 0o755)
+    assert "/vmlab/bin/busybox" not in agent_files(_fake_image(name="debian"))
+    before = _spec(image=cloud_image).key
+    bb.write_bytes(b"\x7fELF two")
+    assert _spec(image=cloud_image).key != before

@@ -27,9 +27,12 @@ def world(local_cloud):
     lan = env.add_network(name="lan", wan_ip="2.1.1.1", lan="192.168.1.0/24", nat="easy")
     gk = env.add_node(lan, name="gk")
     cl = env.add_node(lan, name="cl", image=local_cloud.spec())
+    # A cold boot has no host-channel config: the agent runs DHCP, with the busybox it
+    # brought (the image has none).
+    cold = env.add_node(lan, name="cold", image=local_cloud.spec(), cold_boot=True)
     try:
         env.start()
-        yield env, gk, cl
+        yield env, gk, cl, cold
     except BaseException:
         env.keep_work_dir = True
         raise
@@ -38,13 +41,13 @@ def world(local_cloud):
 
 
 def test_cloud_node_is_restored_from_a_snapshot(world):
-    _env, gk, cl = world
+    _env, gk, cl, _cold = world
     assert [n.boot_mode for n in (gk, cl)] == ["restore", "restore"], \
         [(n.name, n.fallback_reason) for n in (gk, cl)]
 
 
 def test_it_booted_through_its_own_grub_and_cloud_init_took_the_seed(world, local_cloud):
-    _env, _gk, cl = world
+    _env, _gk, cl, _cold = world
     cmdline = cl.exec("cat /proc/cmdline", check=True).stdout
     # GRUB, not QEMU's -kernel, started this kernel: only GRUB sets BOOT_IMAGE.
     assert "BOOT_IMAGE=/boot/vmlinuz-" in cmdline and "vmlab." not in cmdline
@@ -55,7 +58,7 @@ def test_it_booted_through_its_own_grub_and_cloud_init_took_the_seed(world, loca
 
 
 def test_agent_finds_its_nic_under_a_predictable_name(world):
-    _env, _gk, cl = world
+    _env, _gk, cl, _cold = world
     nics = {i["mac"]: i for i in cl.status()["interfaces"]}
     mine = nics[cl.mac]
     assert not mine["name"].startswith("eth"), mine  # udev named it (ens3 ...)
@@ -67,7 +70,7 @@ def test_agent_finds_its_nic_under_a_predictable_name(world):
 
 
 def test_cloud_node_and_appliance_ping_each_other_and_reach_the_internet(world):
-    env, gk, cl = world
+    env, gk, cl, _cold = world
     assert cl.ping(gk.lan_ip(), count=2).received > 0
     assert gk.ping(cl.lan_ip(), count=2).received > 0
     assert env.lan_ping(cl, timeout_s=30)
@@ -76,7 +79,16 @@ def test_cloud_node_and_appliance_ping_each_other_and_reach_the_internet(world):
 
 
 def test_identity_is_the_nodes_not_the_images(world):
-    _env, _gk, cl = world
+    _env, _gk, cl, _cold = world
     assert cl.exec("hostname", check=True).stdout.strip() == "cl"
     assert cl.os.startswith("cloud image disk.qcow2")  # what vmlab knows of the image
     assert cl.status()["os"].startswith("Debian GNU/Linux 12 (bookworm) (kernel 6.")  # the guest's
+
+
+def test_a_cold_booted_cloud_node_gets_its_address_by_dhcp(world):
+    _env, gk, _cl, cold = world
+    assert cold.boot_mode == "cold"
+    assert cold.exec("command -v busybox").exit_code != 0  # not the image's: vmlab's own
+    assert cold.exec("test -x /vmlab/bin/busybox").exit_code == 0
+    assert cold.exec("ip -4 -o addr show", check=True).stdout.count(f"{cold.lan_ip()}/24") == 1
+    assert cold.ping(gk.lan_ip(), count=2).received > 0

@@ -112,7 +112,9 @@ def test_exec_timeout_kills_command(world):
 def test_agent_timeout_names_node_and_shows_console(tmp_path):
     env = Env(name="timeout", agent_timeout_s=0.3)
     net = env.add_network(wan_ip="3.3.3.3", lan="192.168.9.0/24")
-    env.add_node(net, name="slowpoke")
+    # A cold boot: no guest boots in 0.3 s, while a snapshot restore now sometimes connects
+    # that fast (this test then saw no timeout).
+    env.add_node(net, name="slowpoke", cold_boot=True)
     with pytest.raises(AgentTimeout) as err:
         env.start()
     assert "slowpoke" in str(err.value) and err.value.node == "slowpoke"

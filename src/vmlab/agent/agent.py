@@ -69,9 +69,41 @@ _log_lock = threading.Lock()
 
 def log(message: str) -> None:
     """One line per fact on stdout, which in the guest is the serial console."""
+    line = f"vmlab-agent: {message}\n"
     with _log_lock:
-        sys.stdout.write(f"vmlab-agent: {message}\n")
-        sys.stdout.flush()
+        try:
+            sys.stdout.write(line)
+            sys.stdout.flush()
+        except OSError:
+            # A getty starting on the same serial port (a cloud image runs one on ttyS0)
+            # hangs the tty up: every descriptor open on it fails with EIO from then on.
+            # Open the port afresh; a line that still cannot be written is dropped, never
+            # fatal: the agent must outlive its console.
+            if _reopen_stdout():
+                try:
+                    sys.stdout.write(line)
+                    sys.stdout.flush()
+                except OSError:
+                    pass
+
+
+def _reopen_stdout() -> bool:
+    """Point fds 1 and 2 at a fresh open of the device stdout was (after a tty hangup)."""
+    try:
+        path = os.readlink("/proc/self/fd/1")
+    except OSError:
+        return False
+    if not path.startswith("/dev/"):
+        return False
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_NOCTTY | os.O_APPEND)
+    except OSError:
+        return False
+    for target in (1, 2):
+        if target == 1 or os.path.realpath(f"/proc/self/fd/{target}") == path:
+            os.dup2(fd, target)
+    os.close(fd)
+    return True
 
 
 # ---------------------------------------------------------------- configuration
@@ -350,9 +382,14 @@ def _kill_group(proc: subprocess.Popen) -> None:
         pass
 
 
+#: The busybox vmlab installs next to the agent in images that may lack one (cloud images).
+OWN_BUSYBOX = "/vmlab/bin/busybox"
+
+
 def busybox_applet(name: str) -> list[str] | None:
-    """[busybox, name] when busybox is installed, else [name] when it is on PATH, else None."""
-    bb = shutil.which("busybox")
+    """[busybox, name] with vmlab's own busybox or the system's, else [name] when it is on
+    PATH, else None."""
+    bb = OWN_BUSYBOX if os.access(OWN_BUSYBOX, os.X_OK) else shutil.which("busybox")
     if bb:
         return [bb, name]
     found = shutil.which(name)

@@ -50,6 +50,9 @@ class BuiltImage:
     kind: str = ""
     #: a NoCloud seed (cloud-init's `cidata` ISO) attached read-only next to the disk
     seed: Path | None = None
+    #: a static busybox installed with the agent (/vmlab/bin/busybox) into an image that may
+    #: have none: its udhcpc does a cold boot's DHCP and its ping serves the agent's /ping
+    agent_busybox: Path | None = None
 
 
 @dataclass(frozen=True)

@@ -39,9 +39,10 @@ from .debian import PREP_GUEST_IP, PREP_MAC
 
 __all__ = ["ensure", "fetch_verified", "make_seed", "USER_DATA_TEMPLATE"]
 
-RECIPE_VERSION = 1
+RECIPE_VERSION = 2  # 2: the entry holds a static busybox for the agent
 NAME = "cloud"
 MEMORY_MB = 512
+BUSYBOX_PACKAGE = "busybox-static"
 #: The cloud-config in the seed; `{pubkey}` is the entry's SSH public key.
 USER_DATA_TEMPLATE = """#cloud-config
 disable_root: false
@@ -95,10 +96,11 @@ def ensure(*, url: str | None, sha256: str | None, force: bool = False, progress
                         "-f", str(out / "ssh_key")], check=True, capture_output=True)
         pubkey = (out / "ssh_key.pub").read_text().strip()
         (out / "seed.iso").write_bytes(make_seed(pubkey, instance_id=f"vmlab-{digest[:12]}"))
+        busybox = fetch_busybox(out / "busybox", report)
         meta = {"name": name, "digest": digest, "url": url, "sha256": sha256, "bytes": size,
                 "os": f"cloud image {Path(urllib.parse.urlsplit(url).path).name} "
                       f"(sha256 {sha256[:12]})",
-                "memory_mb": MEMORY_MB, "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+                "busybox": busybox, "memory_mb": MEMORY_MB, "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         (out / "image.json").write_text(json.dumps(meta, indent=1, sort_keys=True))
         cache.publish(tmp, name, digest)
     report(f"{name}: fetched and seeded in {time.monotonic() - t0:.1f} s", None, None)
@@ -111,7 +113,23 @@ def _load(cls, name: str, digest: str):
     # No kernel of ours: QEMU's firmware boots the image's own bootloader from disk0.
     return cls(name=name, digest=digest, kernel=None, initrd=None, kernel_args="",
                os=meta["os"], memory_mb=meta["memory_mb"], disk=entry / "disk.qcow2",
-               ssh_key=entry / "ssh_key", kind=NAME, seed=entry / "seed.iso")
+               ssh_key=entry / "ssh_key", kind=NAME, seed=entry / "seed.iso",
+               agent_busybox=entry / "busybox")
+
+
+def fetch_busybox(dest: Path, report) -> str:
+    """Debian's busybox-static binary at `dest`; returns its package version. A cloud image
+    need not have busybox; the agent brings its own for DHCP and ping."""
+    from . import debs
+    report(f"{NAME}: fetching busybox-static for the agent", None, None)
+    versions = debs.resolve_candidates([BUSYBOX_PACKAGE])
+    deb = debs.download(versions, cache.debs_dir())[BUSYBOX_PACKAGE]
+    staging = dest.parent / ".busybox"
+    debs.extract(deb, staging)
+    shutil.move(staging / "bin/busybox", dest)
+    shutil.rmtree(staging)
+    dest.chmod(0o755)
+    return deb.version
 
 
 def fetch_verified(url: str, sha256: str, dest: Path, *, report=None, what: str = NAME) -> int:

@@ -130,7 +130,7 @@ class SnapshotSpec:
             # A disk image gets its agent installed while the snapshot is prepared (the
             # appliance's is part of its image digest): a changed agent must make a new entry.
             from .prepare import agent_files
-            files = agent_files()
+            files = agent_files(self.image)
             inputs["agent_files"] = {path: hashlib.sha256(data).hexdigest()
                                      for path, (data, _mode) in sorted(files.items())}
         return inputs

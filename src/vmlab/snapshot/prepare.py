@@ -178,13 +178,17 @@ WantedBy=multi-user.target
 """
 
 
-def agent_files() -> dict[str, tuple[bytes, int]]:
-    """What install_over_ssh puts in the guest: the agent, its DHCP hook, its unit."""
+def agent_files(image=None) -> dict[str, tuple[bytes, int]]:
+    """What install_over_ssh puts in `image`: the agent, its DHCP hook, its unit, and the
+    image's `agent_busybox` if it has one."""
     from ..images.appliance import agent_sources
     src = agent_sources()
-    return {"/vmlab/agent.py": (src["agent.py"], 0o644),
-            "/vmlab/udhcpc.sh": (src["udhcpc.sh"], 0o755),
-            "/etc/systemd/system/vmlab-agent.service": (AGENT_UNIT.encode(), 0o644)}
+    files = {"/vmlab/agent.py": (src["agent.py"], 0o644),
+             "/vmlab/udhcpc.sh": (src["udhcpc.sh"], 0o755),
+             "/etc/systemd/system/vmlab-agent.service": (AGENT_UNIT.encode(), 0o644)}
+    if image is not None and image.agent_busybox is not None:
+        files["/vmlab/bin/busybox"] = (image.agent_busybox.read_bytes(), 0o755)
+    return files
 
 
 async def install_over_ssh(spec: SnapshotSpec, ssh: SshTarget,
@@ -219,7 +223,7 @@ async def install_over_ssh(spec: SnapshotSpec, ssh: SshTarget,
     # systemd's unit files by itself.
     await ssh.check("tar -x -C / -f - && systemctl enable vmlab-agent.service "
                     "&& systemctl start --no-block vmlab-agent.service",
-                    stdin=tar_bytes(agent_files()), what=f"{what}: installing the agent")
+                    stdin=tar_bytes(agent_files(spec.image)), what=f"{what}: installing the agent")
     progress(f"{what}: agent installed as vmlab-agent.service")
 
 
