@@ -222,3 +222,26 @@ def test_appliance_boots_to_agent(image, tmp_path):
         proc.kill()
         proc.wait(10)
         server.close()
+
+
+def test_image_ls_puts_each_entry_under_its_own_kind(tmp_path, monkeypatch, capsys):
+    """`debian-cloud-qcow2-*` (the local cloud build) is not a debian image."""
+    from vmlab import cli
+    monkeypatch.setenv("VMLAB_CACHE", str(tmp_path))
+    monkeypatch.setenv("COLUMNS", "250")
+    images = tmp_path / "images"
+    for name in ("debian-0db34da3ec44", "debian+1a2b3c4d-0db34da3ec44",
+                 "debian-cloud-qcow2-ba971b793ed3", "cloud+87a24bc4e4b4-1baf617ffe97",
+                 ".build-debian-xyz"):
+        (images / name).mkdir(parents=True)
+    assert cli.main(["image", "ls"]) == 0
+    rows: dict[str, str] = {}
+    kind = None
+    for line in capsys.readouterr().out.splitlines():
+        if line.count("│") >= 3:  # a table line; an empty first cell continues the row above
+            kind = line.split("│")[1].strip() or kind
+            rows[kind] = rows.get(kind, "") + line
+    assert "debian-0db34da3ec44" in rows["debian"] and "debian+1a2b3c4d" in rows["debian"]
+    assert "cloud-qcow2" not in rows["debian"]
+    assert "cloud+87a24bc4e4b4" in rows["cloud"] and "debian-cloud-qcow2-ba971b793ed3" in rows["cloud"]
+    assert ".build" not in "".join(rows.values())

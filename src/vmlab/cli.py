@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import shutil
 import subprocess
 import sys
@@ -55,10 +56,17 @@ def _cmd_image_ls(args) -> int:
     table.add_column("image", no_wrap=True)
     table.add_column("what it is")
     table.add_column("built entries", overflow="fold")
+    from .images import cloudbuild
     for kind in list_images():
-        mine = [p for p in built if p.name.startswith((f"{kind.name}-", f"{kind.name}+"))]
-        table.add_row(kind.name, kind.description,
-                      "\n".join(f"{p.name} ({_dir_mb(p):.0f} MB)" for p in mine) or "not built")
+        # <kind>-<digest12> or <kind>+<variant>-<digest12>: a bare prefix match would file
+        # debian-cloud-qcow2-* (the local cloud build) under debian.
+        entry = re.compile(rf"^{re.escape(kind.name)}(\+[^-]+)?-[0-9a-f]{{12}}$")
+        lines = [f"{p.name} ({_dir_mb(p):.0f} MB)" for p in built if entry.match(p.name)]
+        if kind.name == "cloud":
+            lines += [f"{p.name} ({_dir_mb(p):.0f} MB; the source qcow2 `vmlab image "
+                      f"cloud-qcow2` built)" for p in built
+                      if p.name.startswith(f"{cloudbuild.NAME}-")]
+        table.add_row(kind.name, kind.description, "\n".join(lines) or "not built")
     Console().print(table)
     return 0
 
