@@ -36,6 +36,8 @@ class AgentHello:
     hostname: str
     version: str
     conn_id: int
+    #: new with each agent process; "" from agents that predate it
+    instance: str = ""
 
 
 @dataclass
@@ -79,11 +81,14 @@ class Driver:
         try:
             info = json.loads(line[len(HELLO_PREFIX):])
             hello = AgentHello(str(info["mac"]).lower(), str(info.get("hostname", "")),
-                               str(info.get("version", "")), int(info.get("conn_id", 0)))
+                               str(info.get("version", "")), int(info.get("conn_id", 0)),
+                               str(info.get("instance", "")))
         except (ValueError, KeyError, TypeError) as err:
             log.warning("bad hello from %s: %s", stream.remote, err)
             return
         pool = self._pool(hello.mac)
+        if pool.hello is not None and hello.instance != pool.hello.instance:
+            self._retire_idle(pool, hello)
         first = pool.hello is None
         pool.hello = hello
         pool.connections += 1
@@ -103,6 +108,18 @@ class Driver:
         pool.connections -= 1
         if pool.connections == 0:
             self.on_disconnect(hello.mac)
+
+    def _retire_idle(self, pool: _Pool, hello: AgentHello) -> None:
+        """A new agent process says hello: the previous one died (systemd restarted it, or it
+        crashed), and its idle connections only look alive if its FIN or RST never reached
+        vnet. The first request on one would fail, so close them now."""
+        stale = [s for s in pool.idle if not s.is_closing()]
+        pool.idle.clear()
+        for stream in stale:
+            stream.abort()
+        if stale:
+            log.info("agent %s restarted (instance %s -> %s): dropped %d idle connection(s)",
+                     hello.mac, pool.hello.instance or "?", hello.instance or "?", len(stale))
 
     async def wait_connected(self, mac: str) -> AgentHello:
         pool = self._pool(mac)

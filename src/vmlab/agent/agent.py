@@ -7,7 +7,9 @@ interpreter to find which stdlib modules the initramfs must carry.
 
 Wire protocol (the driver side is written to exactly this):
   1. The agent connects to the driver over TCP and sends one line:
-     `VMLAB-AGENT 1 {"mac": ..., "hostname": ..., "version": ..., "conn_id": N}\\n`
+     `VMLAB-AGENT 1 {"mac": ..., "hostname": ..., "version": ..., "conn_id": N,
+     "instance": ...}\\n`; `instance` is new with each agent process, so the driver can drop
+     the connections of one that died without closing them.
   2. The connection then carries HTTP/1.1 with the driver as the client and the agent as the
      server: keep-alive, every body with Content-Length, JSON bodies.
   3. The agent keeps IDLE_CONNECTIONS connections idle at all times: when one receives its first
@@ -43,6 +45,9 @@ import urllib.parse
 
 AGENT_VERSION = "0.1.0"
 HELLO_PREFIX = "VMLAB-AGENT 1 "
+#: Names this agent process in its hellos. A restored snapshot resumes the same process, so
+#: it keeps its value; a restarted agent gets a new one.
+INSTANCE = f"{os.getpid()}-{os.urandom(4).hex()}"
 DEFAULT_DRIVER = ("52.52.0.2", 8008)  # vnet's TEST_DRIVER_IPV4 / TEST_DRIVER_PORT
 DEFAULT_HOSTNAME = "vmlab"
 IDLE_CONNECTIONS = 2
@@ -1150,7 +1155,8 @@ class Agent:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 _enable_keepalive(sock)
                 hello = {"mac": primary_mac(), "hostname": self.config.hostname,
-                         "version": AGENT_VERSION, "conn_id": conn_id}
+                         "version": AGENT_VERSION, "conn_id": conn_id,
+                         "instance": INSTANCE}
                 sock.sendall((HELLO_PREFIX + json.dumps(hello, separators=(",", ":")) + "\n").encode())
             except OSError as err:
                 sock.close()
