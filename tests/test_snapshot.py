@@ -52,17 +52,43 @@ def test_fingerprint_covers_what_makes_a_state_unrestorable(change):
     assert _spec(**change).key != _spec().key
 
 
+def _entry(root: Path, key: str, **meta) -> None:
+    (root / key).mkdir()
+    (root / key / C.META_FILE).write_text(json.dumps(meta))
+
+
 def test_stale_entries_of_the_same_image_are_removed(tmp_path, monkeypatch):
     monkeypatch.setenv("VMLAB_CACHE", str(tmp_path))
     root = C.snapshots_dir()
-    for name in ("appliance-old-v0-x", "appliance-keep", "debian-other-v1-y"):
-        (root / name).mkdir()
-    dead = root / ".tmp-appliance-keep-999999999-1"
+    spec = _spec()
+    shape = dict(nics=1, memory_mb=256, accel="tcg")
+    _entry(root, spec.key, **shape)
+    _entry(root, f"appliance-{'b' * 12}-v0-{'c' * 12}", **shape)   # older digest, same shape
+    _entry(root, f"debian-{'a' * 12}-v1-{'c' * 12}", **shape)      # another image
+    dead = root / f".tmp-{spec.key}-999999999-1"
     dead.mkdir()
-    removed = C.remove_stale("appliance", "appliance-keep")
-    assert sorted(removed) == sorted(["appliance-old-v0-x", dead.name])
-    assert sorted(p.name for p in root.iterdir() if p.name != ".locks") == ["appliance-keep",
-                                                                              "debian-other-v1-y"]
+    removed = C.remove_stale(spec, spec.key)
+    assert sorted(removed) == sorted([f"appliance-{'b' * 12}-v0-{'c' * 12}", dead.name])
+    assert sorted(p.name for p in root.iterdir() if p.name != ".locks") == sorted(
+        [spec.key, f"debian-{'a' * 12}-v1-{'c' * 12}"])
+
+
+def test_entries_of_another_shape_or_name_are_siblings_not_stale(tmp_path, monkeypatch):
+    """Two node groups of one image (1 NIC and 2 NICs, or another RAM size) are prepared one
+    after the other in the same Env: the second must not delete the first's entry, already
+    handed out; nor may `web` take `web-2`'s entries for its own."""
+    monkeypatch.setenv("VMLAB_CACHE", str(tmp_path))
+    root = C.snapshots_dir()
+    one = _spec(image=_fake_image(name="web"))
+    two_nics = _spec(image=_fake_image(name="web"), nics=2)
+    more_ram = _spec(image=_fake_image(name="web"), memory_mb=512)
+    other = _spec(image=_fake_image(name="web-2"))
+    for spec in (one, two_nics, more_ram, other):
+        _entry(root, spec.key, nics=spec.nics, memory_mb=spec.memory_mb, accel=spec.accel)
+    assert C.remove_stale(two_nics, two_nics.key) == []
+    assert C.remove_stale(one, one.key) == []
+    assert C.entry_name(other.key) == "web-2" and C.entry_name("web-junk") is None
+    assert all((root / s.key).is_dir() for s in (one, two_nics, more_ram, other))
 
 
 def test_failed_prepare_leaves_no_entry(tmp_path, monkeypatch):

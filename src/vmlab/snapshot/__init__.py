@@ -53,7 +53,7 @@ async def ensure_snapshot(spec: SnapshotSpec, progress: Callable[[str], None]) -
             _first_sighting(entry, problem)
             progress(f"snapshot {spec.image.name}: rebuilding entry {key} ({problem})")
             shutil.rmtree(entry.path, ignore_errors=True)
-        for stale in remove_stale(spec.name, key):
+        for stale in remove_stale(spec, key):
             log.info("removed stale snapshot entry %s", stale)
         tmp = new_tmp_dir(key)
         try:

@@ -21,6 +21,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import subprocess
 import time
@@ -247,17 +248,29 @@ def new_tmp_dir(key: str) -> Path:
     return tmp
 
 
-def remove_stale(image_name: str, keep_key: str) -> list[str]:
-    """Remove other entries of the same image (an older digest, code version or device
-    model) and leftover temporary directories of dead preparations."""
+_KEY = re.compile(r"^(?P<name>.+)-[0-9a-f]{12}-v\d+-[0-9a-f]{12}$")
+
+
+def entry_name(key: str) -> str | None:
+    """The spec name an entry key was made from (`SnapshotSpec.key`), or None."""
+    match = _KEY.match(key)
+    return match["name"] if match else None
+
+
+def remove_stale(spec: SnapshotSpec, keep_key: str) -> list[str]:
+    """Remove the entries `spec`'s entry supersedes, and leftover temporary directories of
+    dead preparations. An entry is superseded when it is of the same spec name with the same
+    shape (NICs, RAM, accelerator) and another key: an older image digest, code version,
+    QEMU or device model. Entries of another shape are siblings in use by other nodes of
+    the same image, and stay."""
+    shape = {"nics": spec.nics, "memory_mb": spec.memory_mb, "accel": spec.accel}
     removed = []
     root = snapshots_dir()
     for path in root.iterdir():
         name = path.name
-        if name.startswith(f"{image_name}-") and name != keep_key and path.is_dir():
-            shutil.rmtree(path, ignore_errors=True)
-            removed.append(name)
-        elif name.startswith(".tmp-") and path.is_dir():
+        if not path.is_dir():
+            continue
+        if name.startswith(".tmp-"):
             try:
                 pid = int(name.rsplit("-", 2)[-2])
             except ValueError:
@@ -265,6 +278,16 @@ def remove_stale(image_name: str, keep_key: str) -> list[str]:
             if not _pid_alive(pid):
                 shutil.rmtree(path, ignore_errors=True)
                 removed.append(name)
+            continue
+        if name == keep_key or entry_name(name) != spec.name:
+            continue
+        try:
+            meta = SnapshotEntry(path).meta()
+        except (OSError, ValueError):
+            meta = None  # unreadable: of no use to anyone
+        if meta is None or all(meta.get(k) == v for k, v in shape.items()):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(name)
     return removed
 
 
