@@ -51,7 +51,13 @@ def unpack(tar_b64: str, local: Path) -> Path:
             for m in tar.getmembers():
                 if m.name != "x" and not m.name.startswith("x/") or ".." in m.name.split("/"):
                     raise ValueError(f"get: unexpected entry {m.name!r} in the agent's archive")
-            tar.extractall(tmp, filter="data")
+            # The names were checked above. Extraction filters came with Python 3.11.4; "tar"
+            # keeps the guest's own absolute symlinks (fetching /etc must work), where "data"
+            # would refuse them. Debian 12's python3 (3.11.2) has no filter= at all.
+            if hasattr(tarfile, "tar_filter"):
+                tar.extractall(tmp, filter="tar")
+            else:
+                tar.extractall(tmp)
         if local.is_dir() and not local.is_symlink():
             shutil.rmtree(local)
         elif local.exists() or local.is_symlink():
