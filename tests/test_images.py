@@ -245,3 +245,34 @@ def test_image_ls_puts_each_entry_under_its_own_kind(tmp_path, monkeypatch, caps
     assert "cloud-qcow2" not in rows["debian"]
     assert "cloud+87a24bc4e4b4" in rows["cloud"] and "debian-cloud-qcow2-ba971b793ed3" in rows["cloud"]
     assert ".build" not in "".join(rows.values())
+
+
+def _published(tmp_path: Path, name: str, digest: str, content: str, *, replace: bool) -> Path:
+    from vmlab.images import cache
+    with cache.building(name) as tmp:
+        (tmp / "entry").mkdir()
+        (tmp / "entry" / "disk").write_text(content)
+        (tmp / "entry" / "image.json").write_text("{}")
+        return cache.publish(tmp, name, digest, replace=replace)
+
+
+def test_a_forced_rebuild_replaces_the_entry_and_the_snapshots_made_on_it(tmp_path, monkeypatch):
+    """Same inputs, same digest, but a forced rebuild may hold other bytes (debootstrap takes
+    what the mirror serves): it must take the entry's place, not be dropped, and snapshots
+    whose frozen disks were made on the old bytes must go with it."""
+    from vmlab.snapshot import cache as S
+    monkeypatch.setenv("VMLAB_CACHE", str(tmp_path))
+    digest = "d" * 64
+    entry = _published(tmp_path, "debian", digest, "first", replace=False)
+    snaps = S.snapshots_dir()
+    for key, meta in {"on-it": {"image": "debian", "image_digest": digest},
+                      "other": {"image": "debian", "image_digest": "e" * 64}}.items():
+        (snaps / key).mkdir()
+        (snaps / key / S.META_FILE).write_text(json.dumps(meta))
+    # A concurrent publisher of the same digest keeps the first one, snapshots and all.
+    assert _published(tmp_path, "debian", digest, "racer", replace=False) == entry
+    assert (entry / "disk").read_text() == "first" and (snaps / "on-it").is_dir()
+    assert _published(tmp_path, "debian", digest, "forced", replace=True) == entry
+    assert (entry / "disk").read_text() == "forced"
+    assert not (snaps / "on-it").exists() and (snaps / "other").is_dir()
+    assert not [p for p in (tmp_path / "images").iterdir() if p.name.startswith(".build-")]

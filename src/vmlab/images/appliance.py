@@ -130,7 +130,7 @@ def ensure(*, force: bool = False, progress=None):
 
     with cache.building(NAME) as tmp:
         meta = _build(tmp, fetched, kernel_pkg, digest, key, report)
-        cache.publish(tmp, NAME, digest)
+        cache.publish(tmp, NAME, digest, replace=force)
     report(f"{NAME}: built {digest[:12]} in {time.monotonic() - t0:.1f} s "
            f"(initramfs {meta['initrd_bytes'] / 1e6:.1f} MB)", None, None)
     image = _load_entry(BuiltImage, digest)

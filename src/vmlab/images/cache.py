@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -24,6 +25,8 @@ from ..paths import cache_root, ensure_writable_dir
 
 __all__ = ["images_dir", "debs_dir", "digest_of", "entry_dir", "building", "publish", "remove_stale",
            "load_manifest", "save_manifest", "read_entry_meta"]
+
+log = logging.getLogger("vmlab.images")
 
 
 def images_dir() -> Path:
@@ -54,10 +57,21 @@ def building(name: str):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def publish(tmp: Path, name: str, digest: str) -> Path:
-    """Atomically rename a finished build to its entry, then remove older entries of `name`."""
+def publish(tmp: Path, name: str, digest: str, *, replace: bool = False) -> Path:
+    """Atomically rename a finished build to its entry, then remove older entries of `name`.
+
+    If the entry exists, another process published the same digest and it is kept, unless
+    `replace` (a forced rebuild): then the new build takes its place and the snapshots made
+    on the old one are removed with it, since a frozen disk overlay or a saved page cache
+    matches only the exact disk it was made on."""
     final = entry_dir(name, digest)
     out = tmp / "entry"
+    if replace and final.exists():
+        old = tmp / "replaced"
+        os.rename(final, old)  # same directory tree: atomic; removed with `tmp`
+        from ..snapshot.cache import remove_built_on  # the snapshot cache imports this module
+        for key in remove_built_on(name, digest):
+            log.info("removed snapshot %s, made on the replaced image %s", key, final.name)
     try:
         os.rename(out, final)
     except OSError:

@@ -99,7 +99,7 @@ def ensure(*, force: bool = False, progress=None) -> LocalCloudImage:
                 "installed": dict(ln.split(" ", 1) for ln in installed.splitlines() if " " in ln),
                 "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         (entry / "image.json").write_text(json.dumps(meta, indent=1, sort_keys=True))
-        final = cache.publish(tmp, NAME, digest)
+        final = cache.publish(tmp, NAME, digest, replace=force)
     report(f"{NAME}: built in {time.monotonic() - t0:.1f} s (debootstrap {debootstrap_s:.0f} s, "
            f"{meta['bytes'] / 1e6:.0f} MB, sha256 {sha[:12]})", None, None)
     return LocalCloudImage(final / "disk.qcow2", sha)

@@ -220,7 +220,7 @@ def ensure(*, packages=(), force: bool = False, progress=None):
             return hit
     with cache.building(name) as tmp:
         meta = _build(tmp, name, packages, fetched, kernel_pkg, digest, key, report)
-        cache.publish(tmp, name, digest)
+        cache.publish(tmp, name, digest, replace=force)
     report(f"{name}: built {digest[:12]} in {time.monotonic() - t0:.1f} s (debootstrap "
            f"{meta['debootstrap_s']:.0f} s, disk {meta['disk_bytes'] / 1e6:.0f} MB)", None, None)
     image = _load_entry(BuiltImage, name, digest)

@@ -291,6 +291,23 @@ def remove_stale(spec: SnapshotSpec, keep_key: str) -> list[str]:
     return removed
 
 
+def remove_built_on(image_name: str, image_digest: str) -> list[str]:
+    """Remove every entry made on the image `image_name` with `image_digest` (a forced
+    rebuild replaced it with other bytes under the same digest)."""
+    removed = []
+    for path in snapshots_dir().iterdir():
+        if path.name.startswith(".") or not path.is_dir():
+            continue
+        try:
+            meta = SnapshotEntry(path).meta()
+        except (OSError, ValueError):
+            continue
+        if meta.get("image") == image_name and meta.get("image_digest") == image_digest:
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path.name)
+    return removed
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
