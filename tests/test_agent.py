@@ -138,12 +138,14 @@ def exec_(conn: Conn, **body) -> dict:
 def test_hello(driver, agent):
     first, second = driver.next_conn(), driver.next_conn()
     for c in (first, second):
-        assert set(c.hello) == {"mac", "hostname", "version", "conn_id"}
+        assert set(c.hello) == {"mac", "hostname", "version", "conn_id", "instance"}
         assert c.hello["hostname"] == "test-node"
         assert c.hello["version"] == agent_mod.AGENT_VERSION
         assert isinstance(c.hello["conn_id"], int)
         assert c.hello["mac"] == c.hello["mac"].lower()
     assert first.hello["conn_id"] != second.hello["conn_id"]
+    # One process, one instance; the driver drops a pool's connections when it changes.
+    assert first.hello["instance"] == second.hello["instance"] != ""
     assert "connected to driver 127.0.0.1" in agent.read_text()
 
 
