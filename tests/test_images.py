@@ -12,6 +12,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -276,3 +277,61 @@ def test_a_forced_rebuild_replaces_the_entry_and_the_snapshots_made_on_it(tmp_pa
     assert (entry / "disk").read_text() == "forced"
     assert not (snaps / "on-it").exists() and (snaps / "other").is_dir()
     assert not [p for p in (tmp_path / "images").iterdir() if p.name.startswith(".build-")]
+
+
+def test_a_root_built_key_the_user_cannot_read_is_named_not_retried(tmp_path):
+    """An image built with sudo leaves root's 0600 SSH key; ssh would exit 255 ("not up
+    yet") for minutes. The cause and the fix are named at once instead. As root, the check
+    runs in a child dropped to nobody (root reads every file)."""
+    key = tmp_path / "images" / "debian-x" / "ssh_key"
+    key.parent.mkdir(parents=True)
+    key.write_text("k")
+    key.chmod(0o600)
+    if os.geteuid() == 0:
+        if not shutil.which("setpriv"):
+            pytest.skip("root without setpriv: cannot run as another user")
+        for d in (tmp_path, key.parent.parent, key.parent):
+            d.chmod(0o755)
+        for d in tmp_path.parents:  # pytest's base directory is 0700
+            if str(d) == tempfile.gettempdir():
+                break
+            d.chmod(d.stat().st_mode | 0o111)
+        drop = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+    else:
+        key.chmod(0)
+        drop = []
+    package = Path(__file__).resolve().parents[1] / "src" / "vmlab"
+    code = ("import sys, types; from pathlib import Path\n"
+            "for name, sub in (('vmlab', ''), ('vmlab.vm', 'vm')):\n"
+            "    m = types.ModuleType(name); m.__path__ = [str(Path(sys.argv[1], sub))]\n"
+            "    sys.modules[name] = m\n"
+            "from vmlab.vm.ssh import SshTarget\n"
+            "try:\n    SshTarget(2222, Path(sys.argv[2])).argv('true')\n"
+            "except Exception as err:\n    print(type(err).__name__, err)\n")
+    out = subprocess.run([*drop, sys.executable, "-I", "-c", code, str(package), str(key)],
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("EnvironmentProblem"), out.stdout
+    assert "not readable by this user" in out.stdout and "chown" in out.stdout
+
+
+def test_sudo_builds_give_the_cache_back_to_the_invoking_user(tmp_path, monkeypatch):
+    from vmlab.paths import give_back_to_sudo_user
+    if os.geteuid() != 0:
+        pytest.skip("needs root to chown")
+    monkeypatch.setenv("VMLAB_CACHE", str(tmp_path / "c"))
+    entry = tmp_path / "c" / "images" / "debian-x"
+    entry.mkdir(parents=True)
+    (entry / "ssh_key").write_text("k")
+    (entry / "link").symlink_to("/etc/passwd")
+    os.chown(tmp_path / "c", 4242, 4242)
+    monkeypatch.setenv("SUDO_UID", "4242")
+    monkeypatch.setenv("SUDO_GID", "4243")
+    give_back_to_sudo_user(tmp_path / "c")
+    assert (entry / "ssh_key").stat().st_uid == 4242 and (entry / "ssh_key").stat().st_gid == 4243
+    assert os.lstat(entry / "link").st_uid == 4242 and os.stat("/etc/passwd").st_uid == 0
+    # Not the invoking user's cache (root's own, say): left alone.
+    os.chown(tmp_path / "c", 0, 0)
+    (entry / "new").write_text("n")
+    give_back_to_sudo_user(tmp_path / "c")
+    assert (entry / "new").stat().st_uid == 0

@@ -29,3 +29,23 @@ def ensure_writable_dir(path: Path, what: str = "cache directory") -> Path:
             f"set VMLAB_CACHE to a writable directory or fix its permissions"
         ) from err
     return path
+
+
+def give_back_to_sudo_user(path: Path) -> None:
+    """Under `sudo -E` (image builds need root), hand what root wrote into the invoking user's
+    cache back to that user, so their unprivileged runs can read it (SSH keys are 0600).
+    Does nothing unless running as root for a SUDO_UID that owns the cache root."""
+    uid, gid = os.environ.get("SUDO_UID"), os.environ.get("SUDO_GID")
+    if os.geteuid() != 0 or not uid or not uid.isdigit():
+        return
+    uid_n, gid_n = int(uid), int(gid) if gid and gid.isdigit() else -1
+    try:
+        if cache_root().stat().st_uid != uid_n:
+            return
+    except OSError:
+        return
+    for top in [path, *([] if path.is_symlink() or not path.is_dir() else path.rglob("*"))]:
+        try:
+            os.chown(top, uid_n, gid_n, follow_symlinks=False)
+        except OSError:
+            pass

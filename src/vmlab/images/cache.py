@@ -21,7 +21,7 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
-from ..paths import cache_root, ensure_writable_dir
+from ..paths import cache_root, ensure_writable_dir, give_back_to_sudo_user
 
 __all__ = ["images_dir", "debs_dir", "digest_of", "entry_dir", "building", "publish", "remove_stale",
            "load_manifest", "save_manifest", "read_entry_meta"]
@@ -78,6 +78,7 @@ def publish(tmp: Path, name: str, digest: str, *, replace: bool = False) -> Path
         if not (final / "image.json").exists():  # someone else published the same digest: fine
             raise
     remove_stale(name, keep=final)
+    give_back_to_sudo_user(cache_root())
     return final
 
 

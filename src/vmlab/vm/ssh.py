@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import os
 import shutil
 import tarfile
 import time
@@ -43,6 +44,12 @@ class SshTarget:
         if ssh is None:
             raise EnvironmentProblem("ssh not found: preparing a disk image's snapshot logs in "
                                      "over SSH; install openssh-client (scripts/setup.sh does)")
+        if not os.access(self.key, os.R_OK):
+            # ssh would exit 255, which looks like "sshd not up yet" and is retried for minutes.
+            raise EnvironmentProblem(
+                f"the image's SSH key {self.key} is not readable by this user (uid "
+                f"{os.getuid()}; was the image built as root?); give the cache back with "
+                f"`sudo chown -R $USER {self.key.parent.parent.parent}`, or build as this user")
         return [ssh, "-i", str(self.key), "-p", str(self.port),
                 "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=no",
                 "-o", "UserKnownHostsFile=/dev/null", "-o", "LogLevel=ERROR",
