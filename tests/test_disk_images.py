@@ -123,6 +123,26 @@ def test_snapshot_key_ignores_paths_and_port_but_not_provision(tmp_path, monkeyp
     assert cfg.disk is None and cfg.prep_nic is None
 
 
+def test_only_a_networked_provisioning_step_lifts_the_prep_nics_restriction(tmp_path, monkeypatch):
+    """network=True opens QEMU's NAT while the step runs; the restore form of the same
+    config never has it, and the flag joins the key through the provision digest."""
+    monkeypatch.setattr("vmlab.snapshot.cache.qemu_version", lambda q: "QEMU 7.2")
+    closed = SnapshotSpec(_image(tmp_path), 1, 256, "tcg", "qemu",
+                          provision=Provision("web", commands=["true"]))
+    opened = SnapshotSpec(_image(tmp_path), 1, 256, "tcg", "qemu",
+                          provision=Provision("web", commands=["true"], network=True))
+    assert opened.key != closed.key
+    kw = dict(name="a", run_dir=tmp_path, ram=tmp_path / "r", shared=True, incoming=False,
+              disk=tmp_path / "x.qcow2")
+
+    def netdev(spec, **more):
+        return " ".join(build_argv(spec.vm_config(**kw, **more), qemu="qemu"))
+
+    assert "user,id=prep,restrict=off,hostfwd=tcp:127.0.0.1:4000-:22" in netdev(opened, ssh_port=4000)
+    assert "restrict=on,hostfwd" in netdev(closed, ssh_port=4000)
+    assert "user,id=prep,restrict=on " in netdev(opened) + " "  # restore: no port, no outside
+
+
 # ---------------------------------------------------------------- provisioning
 
 def test_provision_digest_covers_files_and_commands(tmp_path):

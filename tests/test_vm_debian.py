@@ -15,11 +15,17 @@ from vmlab.snapshot.cache import list_entries
 
 pytestmark = pytest.mark.vm
 
+# network=True: the step fetches from the Debian mirror (which setup.sh needs anyway) through
+# QEMU's NAT on the prep NIC, as a user's `apt-get install` would.
 PROVISION = Provision(
     "marker",
     files={"/etc/vmlab-provisioned": "written by the provisioning step\n"},
     commands=["echo ran-at-prepare > /var/lib/vmlab-provision-ran",
-              "test -s /etc/vmlab-provisioned"])
+              "test -s /etc/vmlab-provisioned",
+              "python3 -c \"import urllib.request as u; open('/var/lib/vmlab-fetched', 'wb')"
+              ".write(u.urlopen('http://deb.debian.org/debian/dists/bookworm/InRelease',"
+              " timeout=60).read(4096))\""],
+    network=True)
 
 
 @pytest.fixture(scope="module")
@@ -93,6 +99,10 @@ def test_provisioning_ran_once_at_prepare_time_and_is_cached(world):
     _env, _gk, deb, _quiet = world
     assert deb.exec("cat /etc/vmlab-provisioned").stdout == "written by the provisioning step\n"
     assert deb.exec("cat /var/lib/vmlab-provision-ran").stdout.strip() == "ran-at-prepare"
+    assert "Origin: Debian" in deb.exec("cat /var/lib/vmlab-fetched").stdout
+    # The step's route and resolver through QEMU's NAT did not reach the snapshot.
+    assert "10.0.2.2" not in deb.exec("ip route").stdout
+    assert "10.0.2.3" not in deb.exec("cat /etc/resolv.conf").stdout
     metas = [meta for _entry, meta, problem in list_entries()
              if meta.get("provision") and problem is None]
     assert any(m["provision"]["digest"] == PROVISION.digest and m["disk"] for m in metas)

@@ -109,7 +109,8 @@ class SnapshotSpec:
                         accel=self.accel, memory_file=ram, memory_shared=shared,
                         hostchan_socket=hostchan or run_dir / "hostchan.sock", incoming=incoming,
                         disk=disk if on_disk else None, seed=self.image.seed,
-                        prep_nic=PrepNic(PREP_MAC, ssh_port) if on_disk else None)
+                        prep_nic=PrepNic(PREP_MAC, ssh_port, outside=bool(
+                            self.provision and self.provision.network)) if on_disk else None)
 
     def fingerprint_inputs(self) -> dict:
         # The device model is read off the real command line, with every path replaced by a

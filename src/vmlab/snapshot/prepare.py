@@ -191,6 +191,27 @@ def agent_files(image=None) -> dict[str, tuple[bytes, int]]:
     return files
 
 
+def _prep_dev_script(body: str) -> str:
+    from ..images.debian import PREP_MAC
+    return (f'for d in /sys/class/net/*; do [ "$(cat $d/address)" = {PREP_MAC} ] || continue; '
+            f'dev=${{d##*/}}; {body}; done')
+
+
+#: For a `Provision(network=True)` step: a default route and a resolver through QEMU's NAT
+#: on the prep NIC (restrict=off), the guest's own resolv.conf (maybe a symlink) set aside.
+_OUTSIDE_ON = _prep_dev_script(
+    "ip route replace default via 10.0.2.2 dev $dev") + (
+    " && { [ ! -e /etc/resolv.conf ] && [ ! -L /etc/resolv.conf ] || "
+    "mv /etc/resolv.conf /run/vmlab-resolv.conf.saved; } "
+    "&& echo 'nameserver 10.0.2.3' > /etc/resolv.conf")
+#: ...and both taken away again, so no restored clone keeps them.
+_OUTSIDE_OFF = _prep_dev_script(
+    "ip route del default via 10.0.2.2 dev $dev 2>/dev/null || true") + (
+    " ; rm -f /etc/resolv.conf; if [ -e /run/vmlab-resolv.conf.saved ] || "
+    "[ -L /run/vmlab-resolv.conf.saved ]; then mv /run/vmlab-resolv.conf.saved "
+    "/etc/resolv.conf; fi")
+
+
 async def install_over_ssh(spec: SnapshotSpec, ssh: SshTarget,
                            progress: Callable[[str], None]) -> None:
     """Provision (files, then commands), then install and start the agent's unit."""
@@ -215,9 +236,13 @@ async def install_over_ssh(spec: SnapshotSpec, ssh: SshTarget,
         files = prov.guest_files()
         if files:
             await ssh.put_tar(tar_bytes(files), what=f"{what}: provision {prov.name}")
+        if prov.network:
+            await ssh.check(_OUTSIDE_ON, what=f"{what}: provision {prov.name}: network")
         for i, cmd in enumerate(prov.commands):
             progress(f"{what}: provision {prov.name} ({i + 1}/{len(prov.commands)}): {cmd[:80]}")
             await ssh.check(cmd, timeout_s=prov.timeout_s, what=f"{what}: provision {prov.name}")
+        if prov.network:
+            await ssh.check(_OUTSIDE_OFF, what=f"{what}: provision {prov.name}: network")
         progress(f"{what}: provisioned in {time.monotonic() - t0:.1f} s")
     # One SSH session: each costs seconds of key exchange in a TCG guest. `enable` reloads
     # systemd's unit files by itself.

@@ -1,8 +1,9 @@
 """Provisioning: a named step (files, then commands) run once in a disk image's guest while
 its snapshot is prepared, so every node restored from it starts provisioned.
 
-    web = Provision("web", files={"/srv/index.html": b"hello"},
-                    commands=["apt-get install -y --no-install-recommends nginx-light"])
+    web = Provision("web", files={"/srv/index.html": b"hello"}, network=True,
+                    commands=["apt-get update -q",
+                              "apt-get install -y -q --no-install-recommends nginx-light"])
     env.add_node(lan, image="debian", provision=web)
 
 Its `digest` (name, files' contents and modes, commands, in order) joins the snapshot key:
@@ -10,6 +11,13 @@ change any of it and the next run prepares a new snapshot; leave it and the prov
 restored as fast as the bare image. The commands run as root with /bin/sh over SSH before the
 agent is installed; a non-zero exit fails the preparation with the command's output. Running
 the step is `snapshot/prepare.py`'s job.
+
+The guest has no network while it is provisioned unless `network=True`: then, for the step
+only, it reaches what the host reaches through QEMU's user-mode NAT (a default route and a
+resolver are set, and taken away again before the snapshot). Debian packages known up front
+are better given to the image (`ImageSpec("debian", packages=[...])`): they are fetched on the
+host and cached. Whatever the step downloads is frozen into the snapshot until its digest
+changes.
 """
 from __future__ import annotations
 
@@ -33,6 +41,8 @@ class Provision:
     commands: tuple[str, ...] = ()
     files: dict = field(default_factory=dict, hash=False, compare=False)
     timeout_s: float = 1800.0
+    #: reach the host's network while the step runs (see the module docstring)
+    network: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not _NAME.match(self.name):
@@ -81,4 +91,6 @@ class Provision:
             h.update(f"file {path} {mode:o} {hashlib.sha256(data).hexdigest()}\n".encode())
         for cmd in self.commands:
             h.update(f"cmd {len(cmd)} {cmd}\n".encode())
+        if self.network:
+            h.update(b"network\n")
         return h.hexdigest()

@@ -74,9 +74,14 @@ class PrepNic:
     hot-unplug before the save; the user netdev stays because QEMU saves its (slirp) state
     and refuses a stream with a section nothing claims ("Unknown savevm section 'slirp'").
     With `restrict=on` and no forward nothing reaches it; preparation also turns its link
-    off before saving, and the restored device keeps that."""
+    off before saving, and the restored device keeps that.
+
+    `outside=True` (preparation only, for a provisioning step that asks for the network)
+    lifts `restrict`: the guest then reaches what the host reaches, through QEMU's NAT
+    (gateway 10.0.2.2, DNS 10.0.2.3). Restores never get it."""
     mac: str
     ssh_port: int | None = None
+    outside: bool = False
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -269,7 +274,8 @@ def build_argv(cfg: VmConfig, qemu: str = "qemu-system-x86_64") -> list[str]:
     if cfg.prep_nic is not None:
         forward = (f",hostfwd=tcp:127.0.0.1:{cfg.prep_nic.ssh_port}-:22"
                    if cfg.prep_nic.ssh_port is not None else "")
-        argv += ["-netdev", f"user,id=prep,restrict=on{forward}",
+        restrict = "off" if cfg.prep_nic.outside and cfg.prep_nic.ssh_port is not None else "on"
+        argv += ["-netdev", f"user,id=prep,restrict={restrict}{forward}",
                  "-device", f"virtio-net-pci,netdev=prep,id=prepnic,mac={cfg.prep_nic.mac},romfile="]
     if cfg.incoming:
         argv += ["-incoming", "defer"]
