@@ -176,6 +176,20 @@ def test_env_rejects_provisioning_the_appliance_and_accepts_specs():
     assert env._needs_snapshot(node)  # a disk image's agent lives in its snapshot
 
 
+def test_a_nodes_ram_defaults_to_what_its_image_asks_for():
+    """A cloud image said 512 MB while every node got add_node's 256."""
+    from vmlab.images import cloud as cloud_kind
+    env = Env(name="t")
+    lan = env.add_network(wan_ip="2.1.1.1")
+    cloud_node = env.add_node(lan, image=ImageSpec("cloud", url="file:///x.qcow2", sha256="a" * 64))
+    assert cloud_node.memory_mb == cloud_kind.MEMORY_MB == 512
+    assert env.add_node(lan).memory_mb == 256
+    assert env.add_node(lan, image="debian", memory_mb=1024).memory_mb == 1024
+    assert env._snapshot_group(cloud_node)[2] == 512
+    with pytest.raises(ConfigError, match="memory_mb"):
+        env.add_node(lan, memory_mb=16)
+
+
 # ---------------------------------------------------------------- cloud images
 
 def _qcow2(tmp_path) -> Path:

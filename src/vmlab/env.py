@@ -265,13 +265,14 @@ class Env:
         return net
 
     def add_node(self, *networks: Network, image="appliance", name: str | None = None,
-                 memory_mb: int = 256, cold_boot: bool = False, no_agent: bool = False,
+                 memory_mb: int | None = None, cold_boot: bool = False, no_agent: bool = False,
                  provision=None) -> Node:
         """A VM from `image` with one NIC on each of `networks`, in order. It is restored from
         the image's snapshot unless `cold_boot` (or the Env has snapshots off).
 
         `image`: a name ("appliance", "debian") or a `vmlab.ImageSpec` (extra Debian packages,
-        a cloud qcow2 by URL). `no_agent`: the node boots and takes its address but runs no
+        a cloud qcow2 by URL). `memory_mb`: the guest's RAM, by default what the image asks
+        for (256 MB; a cloud image 512). `no_agent`: the node boots and takes its address but runs no
         agent (exec/ping/... raise; `env.lan_ping` reaches it). `provision`: a
         `vmlab.Provision` run once when the (disk image's) snapshot is prepared.
         ``env.add_node(lan, image="debian", provision=Provision("web", commands=[...]))``"""
@@ -304,6 +305,8 @@ class Env:
             if not isinstance(net, Network) or net not in self.networks:
                 raise ConfigError(f"add_node: {net!r} is not a network of this Env; "
                                   f"use the value env.add_network(...) returned")
+        if memory_mb is not None and (not isinstance(memory_mb, int) or memory_mb < 64):
+            raise ConfigError(f"add_node: memory_mb={memory_mb!r} must be an int of at least 64")
         if len(set(map(id, networks))) != len(networks):
             raise ConfigError("add_node: the same network is given twice")
         known = [kind.name for kind in list_images()]
@@ -320,6 +323,8 @@ class Env:
                 raise ConfigError(f"add_node: network {net.name!r} has a one2one NAT, which maps "
                                   f"its WAN IP to exactly one node ({net.nodes[0].name}); "
                                   f"add another network for {name!r}")
+        if memory_mb is None:
+            memory_mb = self._image_specs[image].memory_mb
         node = Node(self, name, num, networks, image, memory_mb, cold_boot=cold_boot,
                     no_agent=no_agent, provision=provision)
         for net in networks:

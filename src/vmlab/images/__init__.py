@@ -63,6 +63,8 @@ class ImageKind:
     ensure: Callable[..., BuiltImage]  # ensure(*, force: bool, progress: Progress | None)
     #: boots from a qcow2 disk, gets its agent installed over SSH at snapshot preparation
     disk: bool = False
+    #: a node's RAM unless add_node says otherwise
+    memory_mb: int = 256
 
 
 @dataclass(frozen=True)
@@ -101,6 +103,10 @@ class ImageSpec:
     @property
     def disk(self) -> bool:
         return _KINDS[self.kind].disk
+
+    @property
+    def memory_mb(self) -> int:
+        return _KINDS[self.kind].memory_mb
 
     def options(self) -> dict:
         if self.kind == "debian":
@@ -148,7 +154,9 @@ _KINDS = _table(
                         "(debootstrap); extra packages with ImageSpec('debian', packages=[...])",
               _ensure_debian, disk=True),
     ImageKind("cloud", "any qcow2 by URL and sha256 with a NoCloud seed: "
-                       "ImageSpec('cloud', url=..., sha256=...)", _ensure_cloud, disk=True),
+                       "ImageSpec('cloud', url=..., sha256=...)", _ensure_cloud, disk=True,
+              # a generic cloud image runs cloud-init and a full userspace
+              memory_mb=512),
 )
 
 

@@ -34,14 +34,14 @@ import urllib.request
 from pathlib import Path
 
 from ..errors import ConfigError, ImageBuildError
-from . import cache
+from . import cache, list_images
 from .debian import PREP_GUEST_IP, PREP_MAC
 
 __all__ = ["ensure", "fetch_verified", "make_seed", "USER_DATA_TEMPLATE"]
 
 RECIPE_VERSION = 2  # 2: the entry holds a static busybox for the agent
 NAME = "cloud"
-MEMORY_MB = 512
+MEMORY_MB = next(kind.memory_mb for kind in list_images() if kind.name == NAME)
 BUSYBOX_PACKAGE = "busybox-static"
 #: The cloud-config in the seed; `{pubkey}` is the entry's SSH public key.
 USER_DATA_TEMPLATE = """#cloud-config
