@@ -335,3 +335,31 @@ def test_sudo_builds_give_the_cache_back_to_the_invoking_user(tmp_path, monkeypa
     (entry / "new").write_text("n")
     give_back_to_sudo_user(tmp_path / "c")
     assert (entry / "new").stat().st_uid == 0
+
+
+def test_a_cancelled_ssh_command_leaves_no_ssh_client_behind(tmp_path, monkeypatch):
+    """The preparation cancels SSH commands when QEMU exits or time runs out. `ssh` here is a
+    stand-in script that hangs like a client whose guest stopped answering."""
+    import asyncio
+    from vmlab.vm.ssh import SshTarget
+    pidfile = tmp_path / "pid"
+    fake = tmp_path / "bin" / "ssh"
+    fake.parent.mkdir()
+    fake.write_text(f"#!/bin/sh\necho $$ > {pidfile}\nexec sleep 60\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake.parent}:{os.environ['PATH']}")
+    key = tmp_path / "key"
+    key.write_text("k")
+
+    async def main():
+        task = asyncio.ensure_future(SshTarget(2222, key).run("true"))
+        while not pidfile.exists() or not pidfile.read_text().strip():
+            await asyncio.sleep(0.02)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        return int(pidfile.read_text())
+
+    pid = asyncio.run(asyncio.wait_for(main(), 20))
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)

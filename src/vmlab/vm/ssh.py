@@ -67,10 +67,13 @@ class SshTarget:
         try:
             out, _ = await asyncio.wait_for(proc.communicate(stdin), timeout_s)
         except asyncio.TimeoutError:
-            proc.kill()
-            await proc.wait()
+            await _reap(proc)
             raise VmlabTimeout(f"{what}: `{command[:200]}` did not finish within {timeout_s:.0f} s "
                                f"over SSH", last=command) from None
+        except BaseException:
+            # Cancelled (the preparation gave up, or QEMU exited): no ssh client outlives it.
+            await asyncio.shield(_reap(proc))
+            raise
         return proc.returncode, out.decode("utf-8", "replace")
 
     async def check(self, command: str, *, stdin: bytes | None = None, timeout_s: float = 600,
@@ -98,6 +101,15 @@ class SshTarget:
     async def put_tar(self, data: bytes, dest: str = "/", *, what: str = "ssh") -> None:
         """Unpack a tar archive (see `tar_bytes`) under `dest` in the guest."""
         await self.check(f"mkdir -p '{dest}' && tar -x -C '{dest}' -f -", stdin=data, what=what)
+
+
+async def _reap(proc: asyncio.subprocess.Process) -> None:
+    if proc.returncode is None:
+        try:
+            proc.kill()
+        except ProcessLookupError:
+            pass
+    await proc.wait()
 
 
 def tar_bytes(files: dict[str, tuple[bytes, int]]) -> bytes:
