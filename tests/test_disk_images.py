@@ -7,6 +7,7 @@ import hashlib
 import io
 import os
 import subprocess
+import time
 from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 
@@ -409,3 +410,54 @@ def test_local_cloud_qcow2_recipe_has_what_the_cloud_kind_needs():
     img = cloudbuild.LocalCloudImage(Path("/x/disk.qcow2"), "ab" * 32)
     assert img.url == "file:///x/disk.qcow2"
     assert img.spec().name == "cloud+" + "ab" * 6
+
+
+# ---------------------------------------------------------------- debootstrap's lifetime
+
+def _fake_debootstrap(tmp_path: Path, monkeypatch, body: str) -> Path:
+    """A stand-in `debootstrap` (the real one takes minutes and the Debian mirror) that
+    speaks its progress format; its argv ends SUITE ROOTFS MIRROR."""
+    tool = tmp_path / "bin" / "debootstrap"
+    tool.parent.mkdir()
+    tool.write_text("#!/bin/sh\nfor a; do prev=$root; root=$mirror; mirror=$a; done\n" + body)
+    tool.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tool.parent}:{os.environ['PATH']}")
+    monkeypatch.setenv("VMLAB_CACHE", str(tmp_path / "cache"))
+    if os.geteuid() != 0:
+        pytest.skip("debian.debootstrap refuses to run without root")
+    return tmp_path / "rootfs"
+
+
+def test_an_interrupted_debootstrap_is_stopped_with_its_children(tmp_path, monkeypatch):
+    rootfs = _fake_debootstrap(tmp_path, monkeypatch, (
+        f"sleep 60 & echo $! > {tmp_path}/child\n"
+        "echo 'I: Retrieving Release'\nwait\n"))
+
+    def report(message, *_):
+        if "retrieving" in message.lower():
+            raise KeyboardInterrupt  # Ctrl-C while the build runs
+    with pytest.raises(KeyboardInterrupt):
+        debian.debootstrap(rootfs, ["openssh-server"], report, "debian")
+    child = int((tmp_path / "child").read_text())
+    deadline = time.monotonic() + 5
+    while _running(child) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _running(child), "debootstrap's child outlived the interrupted build"
+
+
+def _running(pid: int) -> bool:
+    """Alive and not a zombie waiting for a reaper."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
+
+
+def test_a_failed_debootstrap_shows_its_log_not_a_path_about_to_be_removed(tmp_path, monkeypatch):
+    rootfs = _fake_debootstrap(tmp_path, monkeypatch, (
+        'mkdir -p "$root/debootstrap"\n'
+        'echo "E: Couldn\'t download packages: openssh-server" > "$root/debootstrap/debootstrap.log"\n'
+        "echo 'E: see the log'\nexit 1\n"))
+    with pytest.raises(ImageBuildError, match="(?s)exit 1.*debootstrap.log.*Couldn't download"):
+        debian.debootstrap(rootfs, ["openssh-server"], lambda *a: None, "debian")

@@ -34,6 +34,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -262,7 +263,25 @@ def debootstrap(rootfs: Path, include: list[str], report, name: str) -> float:
     report(f"{name}: debootstrap {SUITE} from {mirror()} (a minute or two)", None, None)
     t0 = time.monotonic()
     # Stream debootstrap's lines as progress: it is the long part of the build.
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    # Its own session, so an interrupted build can stop it with the dpkg and chroot children
+    # it runs as root (the directory they write into is about to be removed).
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        tail = _follow_debootstrap(proc, name, report)
+    except BaseException:
+        _stop_session(proc)
+        raise
+    if proc.wait() != 0:
+        log_tail = _tail(rootfs / "debootstrap" / "debootstrap.log", 40)
+        raise ImageBuildError(f"{name}: debootstrap failed (exit {proc.returncode}); last lines:\n"
+                              + "\n".join(tail)
+                              + (f"\ndebootstrap.log (tail):\n{log_tail}" if log_tail else ""))
+    return time.monotonic() - t0
+
+
+def _follow_debootstrap(proc: subprocess.Popen, name: str, report) -> list[str]:
+    """Report debootstrap's progress lines until it closes its output; its last 30 lines."""
     tail: list[str] = []
     per_package = ("Retrieving", "Validating", "Extracting", "Unpacking", "Configuring")
     seen = {verb: 0 for verb in per_package}
@@ -280,10 +299,22 @@ def debootstrap(rootfs: Path, include: list[str], report, name: str) -> float:
                 report(f"{name}: {verb.lower()} packages ({seen[verb]} so far)", None, None)
         else:
             report(f"{name}: {line[3:]}", None, None)
-    if proc.wait() != 0:
-        raise ImageBuildError(f"{name}: debootstrap failed (exit {proc.returncode}); see "
-                              f"{rootfs}/debootstrap/debootstrap.log; last lines:\n" + "\n".join(tail))
-    return time.monotonic() - t0
+    return tail
+
+
+def _stop_session(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    proc.wait()
+
+
+def _tail(path: Path, lines: int) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
 
 
 def _configure(rootfs: Path, pubkey: str, os_text: str) -> None:
