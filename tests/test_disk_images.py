@@ -461,3 +461,26 @@ def test_a_failed_debootstrap_shows_its_log_not_a_path_about_to_be_removed(tmp_p
         "echo 'E: see the log'\nexit 1\n"))
     with pytest.raises(ImageBuildError, match="(?s)exit 1.*debootstrap.log.*Couldn't download"):
         debian.debootstrap(rootfs, ["openssh-server"], lambda *a: None, "debian")
+
+
+def test_lan_ping_from_vnet_on_an_ipv6_only_lan_names_the_fix():
+    env = Env(name="t")
+    lan = env.add_network(ipv4=False, ipv6="fd00:1::/64")
+    node = env.add_node(lan, no_agent=True)
+    assert node.lan_ip().version == 6
+    with pytest.raises(ConfigError, match="IPv6-only.*source="):
+        env.lan_ping(node)
+
+
+def test_the_demo_records_a_node_that_never_answers_lan_ping_as_a_failed_check():
+    """It raised out of the demo, which then printed no table at all. `env` stands in for a
+    started Env whose lan_ping ran out of time (no VM here)."""
+    from types import SimpleNamespace
+    from vmlab.demo import _lan_ping
+    from vmlab.errors import VmlabTimeout
+
+    def lan_ping(target, **kw):
+        raise VmlabTimeout("lan_ping: dave (192.168.1.104) did not answer vnet within 60 s")
+    dave = SimpleNamespace(lan_ip=lambda: IPv4Address("192.168.1.104"))
+    r = _lan_ping(SimpleNamespace(lan_ping=lan_ping), dave, timeout_s=60)
+    assert not r.ok and "did not answer" in r.output and r.address == "192.168.1.104"

@@ -679,7 +679,6 @@ class Env:
         vnet itself: the LAN's gateway sends ICMP echo requests, so this reaches a node that
         runs no agent. Raises VmlabTimeout (with the last attempt's output) if none answered.
         ``env.lan_ping("bob")``, ``env.lan_ping(bob, source=alice)``"""
-        self._require_started("lan_ping")
         target = self.node(target) if isinstance(target, str) else target
         source = self.node(source) if isinstance(source, str) else source
         net = network or (next((n for n in target.networks if n in source.networks), None)
@@ -689,6 +688,10 @@ class Env:
                               f"{source.name if source else 'the network'} share no LAN; pass "
                               f"network= one {target.name} is on")
         address = target.lan_ip(net)
+        if source is None and address.version == 6:
+            raise ConfigError(f"lan_ping: {net.name} is IPv6-only and vnet's own echo requests "
+                              f"are ICMPv4; pass source= a node with an agent on {net.name}")
+        self._require_started("lan_ping")
         deadline = time.monotonic() + timeout_s
         sent = 0
         last = "(nothing tried)"
@@ -698,7 +701,8 @@ class Env:
                 r = source.ping(address, count=1, timeout_s=max(1.0, min(5.0, remaining)))
                 sent += r.transmitted
                 if r.ok:
-                    return PingResult(str(address), sent, r.received, 0.0, r.rtts_ms, r.output)
+                    return PingResult(str(address), sent, r.received,
+                                      round(1 - r.received / sent, 6), r.rtts_ms, r.output)
                 last = r.output.strip()[-500:]
             else:
                 rtt = self._loop.call(
