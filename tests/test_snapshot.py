@@ -284,3 +284,18 @@ def test_a_cloud_images_own_busybox_is_installed_with_the_agent_and_keyed(tmp_pa
     before = _spec(image=cloud_image).key
     bb.write_bytes(b"\x7fELF two")
     assert _spec(image=cloud_image).key != before
+
+
+def test_an_overlay_that_cannot_be_made_is_a_failed_restore_not_a_crash(tmp_path):
+    """Env falls back on RestoreFailed only; a qemu-img error escaped it."""
+    import asyncio
+    from vmlab.snapshot.restore import RestoreFailed, restore
+    image = dataclasses.replace(_fake_image(name="debian"), disk=tmp_path / "base.qcow2",
+                                kind="debian")
+    entry_dir = tmp_path / "entry"
+    entry_dir.mkdir()
+    (entry_dir / C.DISK_FILE).write_bytes(b"not a qcow2")
+    with pytest.raises(RestoreFailed, match="qemu-img") as failed:
+        asyncio.run(restore(_spec(image=image), C.SnapshotEntry(entry_dir), name="n",
+                            run_dir=tmp_path, nic_sockets=[], hostchan=tmp_path / "h"))
+    assert not failed.value.state_broken

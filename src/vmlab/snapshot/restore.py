@@ -39,7 +39,10 @@ async def restore(spec: SnapshotSpec, entry: SnapshotEntry, *, name: str, run_di
             raise RestoreFailed(f"{name}: snapshot {entry.key} has no frozen disk", state_broken=True)
         # The node's own copy-on-write layer on the disk exactly as it was at save time.
         disk = run_dir / "disk.qcow2"
-        await make_overlay(entry.disk, disk)
+        try:
+            await make_overlay(entry.disk, disk)
+        except VmlabError as err:
+            raise RestoreFailed(f"{name}: {err}", state_broken=False) from err
     cfg = spec.vm_config(name=name, run_dir=run_dir, ram=entry.ram, shared=False, incoming=True,
                          nic_sockets=nic_sockets, hostchan=hostchan, disk=disk)
     vm = QemuVm(cfg)
