@@ -33,6 +33,9 @@ def one(cold: bool) -> tuple[float, str]:
 def main() -> int:
     restores = int(sys.argv[1]) if len(sys.argv) > 1 else 5
     colds = int(sys.argv[2]) if len(sys.argv) > 2 else 2
+    if restores < 1 or colds < 0:
+        print("usage: bench_debian_boot.py [RESTORES>=1] [COLD>=0]", file=sys.stderr)
+        return 2
     t0 = time.monotonic()
     image = ensure_image("debian")
     meta = json.loads((image.disk.parent / "image.json").read_text())
@@ -47,11 +50,15 @@ def main() -> int:
     rs = [one(cold=False) for _ in range(restores)]
     cs = [one(cold=True) for _ in range(colds)]
     for label, runs in (("restore", rs), ("cold boot", cs)):
+        if not runs:
+            continue
         times = [t for t, _mode in runs]
         modes = {mode for _t, mode in runs}
         print(f"{label:9} to agent-connected: min {min(times):.2f} s, median "
               f"{statistics.median(times):.2f} s over {len(times)} (modes {sorted(modes)})")
-    print(f"cold / restore (medians): {statistics.median(t for t, _ in cs) / statistics.median(t for t, _ in rs):.1f}x")
+    if cs:
+        print(f"cold / restore (medians): "
+              f"{statistics.median(t for t, _ in cs) / statistics.median(t for t, _ in rs):.1f}x")
     return 0
 
 
