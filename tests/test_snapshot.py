@@ -299,3 +299,44 @@ def test_an_overlay_that_cannot_be_made_is_a_failed_restore_not_a_crash(tmp_path
         asyncio.run(restore(_spec(image=image), C.SnapshotEntry(entry_dir), name="n",
                             run_dir=tmp_path, nic_sockets=[], hostchan=tmp_path / "h"))
     assert not failed.value.state_broken
+
+
+def test_preparation_takes_another_ssh_port_when_its_free_port_was_taken_meanwhile(
+        tmp_path, monkeypatch):
+    """A real QEMU on an empty disk (its firmware finds nothing to boot: enough to bind the
+    forward). The first port is bound by someone else first, as can happen between
+    free_port() and QEMU's bind; SSH is stopped right after the start, with the port it got."""
+    import asyncio
+    import importlib
+    import socket
+    P = importlib.import_module("vmlab.snapshot.prepare")  # the package exports a function of that name
+    disk = tmp_path / "base.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(disk), "16M"], check=True)
+    image = BuiltImage(name="cloud+x", digest="c" * 64, kernel=None, initrd=None, kernel_args="",
+                       os="test", disk=disk, ssh_key=tmp_path / "key", kind="cloud")
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        free = probe.getsockname()[1]
+    ports = iter([taken.getsockname()[1], free])
+    monkeypatch.setattr(P, "free_port", lambda: next(ports))
+    used = []
+
+    class Stop(Exception):
+        pass
+
+    async def wait_up(self, timeout_s, *, what="ssh"):
+        used.append(self.port)
+        raise Stop
+
+    monkeypatch.setattr(P.SshTarget, "wait_up", wait_up)
+    out = tmp_path / "out"
+    out.mkdir()
+    try:
+        with pytest.raises(Stop):
+            asyncio.run(P.prepare(_spec(image=image, memory_mb=64), out, lambda m: None))
+    finally:
+        taken.close()
+    assert used == [free]

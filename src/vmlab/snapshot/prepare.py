@@ -62,7 +62,23 @@ async def prepare(spec: SnapshotSpec, out_dir: Path,
     try:
         progress(f"snapshot {spec.image.name}: booting the image ({spec.accel}, "
                  f"{spec.memory_mb} MB, {spec.nics} NIC{'s' if spec.nics != 1 else ''})")
-        await vm.start()
+        for attempt in range(3):
+            try:
+                await vm.start()
+                break
+            except NodeCrashed as err:
+                # free_port() only says the port was free a moment ago: another process
+                # may have bound it before QEMU did. Take another one.
+                if ssh_port is None or "host forwarding rule" not in str(err) or attempt == 2:
+                    raise
+                await vm.kill()
+                ssh_port = free_port()
+                log.info("snapshot %s: SSH forward port taken meanwhile; trying port %d",
+                         spec.name, ssh_port)
+                cfg = spec.vm_config(name=f"prepare-{spec.image.name}", run_dir=run_dir,
+                                     ram=out_dir / RAM_FILE, shared=True, incoming=False,
+                                     disk=disk, ssh_port=ssh_port)
+                vm = QemuVm(cfg)
         chan.start()
         if disk is not None:
             ssh = SshTarget(ssh_port, spec.image.ssh_key)
