@@ -146,6 +146,10 @@ def test_hello(driver, agent):
     assert first.hello["conn_id"] != second.hello["conn_id"]
     # One process, one instance; the driver drops a pool's connections when it changes.
     assert first.hello["instance"] == second.hello["instance"] != ""
+    # The agent logs this after its hello went out: give it a moment.
+    deadline = time.monotonic() + 5
+    while "connected to driver 127.0.0.1" not in agent.read_text() and time.monotonic() < deadline:
+        time.sleep(0.02)
     assert "connected to driver 127.0.0.1" in agent.read_text()
 
 
