@@ -9,12 +9,28 @@ import subprocess
 import sys
 import time
 
-from .errors import VmlabError
+from .errors import ConfigError, VmlabError
+
+
+def _known_images(names: list[str], option: str, *, allow_cloud: bool = True) -> list[str]:
+    """`names` if every one is an image kind; checked up front, before anything builds."""
+    from .images import list_images
+    known = [kind.name for kind in list_images() if allow_cloud or kind.name != "cloud"]
+    if not names:
+        raise ConfigError(f"{option}: no image named; known images: {', '.join(known)}")
+    bad = [n for n in names if n not in known]
+    if bad:
+        why = (" ('cloud' needs a URL and sha256: use ImageSpec('cloud', ...) in Python)"
+               if "cloud" in bad and not allow_cloud else "")
+        raise ConfigError(f"{option}: unknown image {', '.join(map(repr, bad))}{why}; known "
+                          f"images: {', '.join(known)}")
+    return names
 
 
 def _cmd_demo(args) -> int:
     from .demo import run_demo
     images = [i.strip() for i in (args.images or args.image).split(",") if i.strip()]
+    _known_images(images, "demo --images", allow_cloud=False)
     return run_demo(images=images, web=args.web, web_keep=args.web_keep)
 
 
@@ -22,6 +38,7 @@ def _cmd_image_build(args) -> int:
     from .images import ensure_image, list_images
     # `cloud` needs a URL and sha256, so "all" means every kind that builds from nothing.
     names = args.names or [kind.name for kind in list_images() if kind.name != "cloud"]
+    _known_images(names, "image build", allow_cloud=False)
     for name in names:
         t0 = time.monotonic()
         img = ensure_image(name, force=args.force)

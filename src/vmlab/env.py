@@ -18,6 +18,7 @@ import asyncio
 import base64
 import logging
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -53,6 +54,16 @@ AGENT_TIMEOUT_S = 120.0
 RESERVED_PUBLIC = ip_network("52.52.0.0/24")
 #: Documentation prefixes (RFC 3849, RFC 5737) that services may use as public addresses.
 _DOCUMENTATION_NETS = ("2001:db8::/32", "192.0.2.0/24", "198.51.100.0/24", "203.0.113.0/24")
+#: A node name is the guest's hostname and a folder name.
+_NODE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$")
+
+
+def _check_flags(where: str, **flags) -> None:
+    """Options that are on or off take a bool (or None for "the default"): a truthy string
+    such as "no" would silently turn them on."""
+    for option, value in flags.items():
+        if value is not None and not isinstance(value, bool):
+            raise ConfigError(f"{where}: {option}={value!r} must be True or False")
 
 
 # --------------------------------------------------------------------------- Env
@@ -72,6 +83,13 @@ class Env:
         snapshots are saved with stream NICs)."""
         if nic_transport not in ("stream", "dgram"):
             raise ConfigError(f"Env: nic_transport={nic_transport!r}; use 'stream' or 'dgram'")
+        _check_flags("Env", snapshots=snapshots, keep_work_dir=keep_work_dir, web_keep=web_keep)
+        if accel not in (None, "kvm", "tcg"):
+            raise ConfigError(f"Env: accel={accel!r}; use 'kvm', 'tcg' or None (probe the host)")
+        if isinstance(agent_timeout_s, bool) or not isinstance(agent_timeout_s, (int, float)) \
+                or not agent_timeout_s > 0:
+            raise ConfigError(f"Env: agent_timeout_s={agent_timeout_s!r} must be a positive "
+                              f"number of seconds")
         self.nic_transport = nic_transport
         self._pcap_arg = pcap
         #: the pcapng file, once started with pcap on
@@ -277,7 +295,15 @@ class Env:
         `vmlab.Provision` run once when the (disk image's) snapshot is prepared.
         ``env.add_node(lan, image="debian", provision=Provision("web", commands=[...]))``"""
         self._require_state("new", "add_node")
+        _check_flags("add_node", cold_boot=cold_boot, no_agent=no_agent)
         from .images import ImageSpec, as_spec, list_images
+        if not isinstance(image, (str, ImageSpec)):
+            raise ConfigError(f"add_node: image={image!r} must be an image name like 'debian' "
+                              f"or a vmlab.ImageSpec")
+        if name is not None and (not isinstance(name, str) or not _NODE_NAME.match(name)):
+            raise ConfigError(f"add_node: name={name!r} must be 1-63 letters, digits, '-' or "
+                              f"'_', starting with a letter or digit (it is the guest's "
+                              f"hostname and a folder in the work directory)")
         from .snapshot.provision import Provision
         if isinstance(image, ImageSpec):
             spec = image
@@ -305,8 +331,10 @@ class Env:
             if not isinstance(net, Network) or net not in self.networks:
                 raise ConfigError(f"add_node: {net!r} is not a network of this Env; "
                                   f"use the value env.add_network(...) returned")
-        if memory_mb is not None and (not isinstance(memory_mb, int) or memory_mb < 64):
-            raise ConfigError(f"add_node: memory_mb={memory_mb!r} must be an int of at least 64")
+        if memory_mb is not None and (isinstance(memory_mb, bool) or not isinstance(memory_mb, int)
+                                      or not 64 <= memory_mb <= 65536):
+            raise ConfigError(f"add_node: memory_mb={memory_mb!r} must be an int from 64 to "
+                              f"65536 (MiB)")
         if len(set(map(id, networks))) != len(networks):
             raise ConfigError("add_node: the same network is given twice")
         known = [kind.name for kind in list_images()]
@@ -681,12 +709,25 @@ class Env:
         ``env.lan_ping("bob")``, ``env.lan_ping(bob, source=alice)``"""
         target = self.node(target) if isinstance(target, str) else target
         source = self.node(source) if isinstance(source, str) else source
+        for role, node in (("target", target), ("source", source)):
+            if not (isinstance(node, Node) and node in self.nodes) and (role == "target"
+                                                                         or node is not None):
+                raise ConfigError(f"lan_ping: {role} {node!r} is not a node of this Env; pass "
+                                  f"a Node from env.add_node(...) or its name")
+        if isinstance(network, str):
+            network = next((n for n in self.networks if n.name == network), None) or network
         net = network or (next((n for n in target.networks if n in source.networks), None)
                           if source is not None else target.networks[0])
         if net is None or net not in target.networks:
-            raise ConfigError(f"lan_ping: {target.name} and "
-                              f"{source.name if source else 'the network'} share no LAN; pass "
-                              f"network= one {target.name} is on")
+            on = ", ".join(n.name for n in target.networks)
+            raise ConfigError(f"lan_ping: " + (f"network {getattr(net, 'name', net)!r} is not one "
+                                                f"{target.name} is on"
+                                                if network is not None else
+                                                f"{target.name} and {source.name} share no LAN")
+                              + f"; {target.name} is on: {on}; pass network= one of them")
+        if source is not None and net not in source.networks:
+            raise ConfigError(f"lan_ping: source {source.name} is not on {net.name}, where "
+                              f"{target.name}'s address is; pick a source on {net.name}")
         address = target.lan_ip(net)
         if source is None and address.version == 6:
             raise ConfigError(f"lan_ping: {net.name} is IPv6-only and vnet's own echo requests "

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import io
+import os
 import posixpath
 import shutil
 import tarfile
@@ -20,13 +21,15 @@ from .errors import ConfigError
 __all__ = ["pack", "unpack"]
 
 
-def pack(local: Path, remote: str) -> tuple[str, str]:
+def pack(local: Path, remote) -> tuple[str, str]:
     """(guest directory to unpack under, tar as base64) that puts `local` at `remote`: a
-    file becomes the file `remote`, a folder's content lands under the folder `remote`."""
-    if not remote.startswith("/"):
-        raise ConfigError(f"put: {remote!r} must be an absolute path in the guest")
+    file becomes the file `remote` (or, when `remote` ends in "/", the file of its own name
+    in that folder, as with cp), a folder's content lands under the folder `remote`."""
+    remote = guest_path(remote, "put")
     if not local.exists():
         raise ConfigError(f"put: local path {local} does not exist")
+    if remote.endswith("/") and not local.is_dir():
+        remote += local.name
     remote = posixpath.normpath(remote)
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w") as tar:
@@ -40,6 +43,16 @@ def pack(local: Path, remote: str) -> tuple[str, str]:
                 raise ConfigError(f"put: {remote!r} names a folder; give the file's guest path")
             tar.add(local, arcname=name)
     return dest, base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def guest_path(path, verb: str) -> str:
+    """`path` (a str or PurePosixPath) as a str, if it is an absolute guest path."""
+    if isinstance(path, os.PathLike):
+        path = os.fspath(path)
+    if not isinstance(path, str) or not path.startswith("/"):
+        raise ConfigError(f"{verb}: {path!r} must be an absolute path in the guest, like "
+                          f"'/opt/app'")
+    return path
 
 
 def unpack(tar_b64: str, local: Path) -> Path:

@@ -203,8 +203,12 @@ class Node:
         body: dict = {"timeout_s": timeout_s}
         if isinstance(cmd, str):
             body["shell"] = cmd
+        elif isinstance(cmd, (list, tuple)) and cmd and all(
+                isinstance(a, (str, os.PathLike)) for a in cmd):
+            body["argv"] = [os.fspath(a) for a in cmd]
         else:
-            body["argv"] = list(cmd)
+            raise ConfigError(f"exec: {cmd!r} must be a shell command line (str) or a non-empty "
+                              f"argv list of str, like ['ip', '-br', 'addr']")
         if stdin is not None:
             body["stdin_b64"] = base64.b64encode(stdin).decode()
         if env:
@@ -250,8 +254,8 @@ class Node:
     def get(self, remote: str, local: str | os.PathLike, *, timeout_s: float = 120.0) -> Path:
         """Copy a guest file or folder `remote` to `local`, which it creates or replaces.
         ``node.get("/var/log/app.log", tmp_path / "app.log")``"""
-        from .files import unpack
-        r = self._agent("POST", "/files/get", {"path": remote}, timeout_s)
+        from .files import guest_path, unpack
+        r = self._agent("POST", "/files/get", {"path": guest_path(remote, "get")}, timeout_s)
         return unpack(r["tar_b64"], Path(local))
 
     def console_tail(self, lines: int = 40) -> str:

@@ -78,18 +78,23 @@ class ImageSpec:
     sha256: str | None = None
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "packages", tuple(sorted(set(self.packages))))
-        kind = _KINDS.get(self.kind)
+        # Everything is checked here, not at Env.start: a mistake must not cost an image build.
+        kind = _KINDS.get(self.kind) if isinstance(self.kind, str) else None
         if kind is None:
             raise ConfigError(f"unknown image {self.kind!r}; known images: {', '.join(_KINDS)}")
         if self.packages and self.kind != "debian":
             raise ConfigError(f"image {self.kind!r} takes no packages; only 'debian' installs "
                               f"extra Debian packages (or provision the node)")
+        if self.kind == "debian":
+            from .debian import _check_packages
+            object.__setattr__(self, "packages", _check_packages(self.packages))
         if (self.url or self.sha256) and self.kind != "cloud":
             raise ConfigError(f"image {self.kind!r} takes no url/sha256; use ImageSpec('cloud', ...)")
-        if self.kind == "cloud" and not (self.url and self.sha256):
-            raise ConfigError("image 'cloud' needs url= (https:// or file://) and sha256= of "
-                              "the qcow2: ImageSpec('cloud', url=..., sha256=...)")
+        if self.kind == "cloud":
+            from .cloud import check_source
+            url, sha256 = check_source(self.url, self.sha256)
+            object.__setattr__(self, "url", url)
+            object.__setattr__(self, "sha256", sha256)
 
     @property
     def name(self) -> str:

@@ -70,15 +70,33 @@ def name_for(sha256: str) -> str:
     return f"{NAME}+{sha256.lower()[:12]}"
 
 
+def _check_scheme(url: str) -> None:
+    scheme = urllib.parse.urlsplit(url).scheme
+    if scheme not in ("https", "file"):
+        raise ConfigError(f"image 'cloud': url {url!r} must be https:// or file:// (plain http "
+                          f"would be checked only by its sha256; use https)")
+
+
+def check_source(url, sha256) -> tuple[str, str]:
+    """(url, sha256 in lower case) if they can name a cloud image, else a ConfigError."""
+    if not url or not sha256:
+        raise ConfigError("image 'cloud' needs url= (https:// or file://) and sha256= of the "
+                          "qcow2: ImageSpec('cloud', url=..., sha256=...)")
+    if not isinstance(url, str):
+        raise ConfigError(f"image 'cloud': url must be a str, not {type(url).__name__}")
+    _check_scheme(url)
+    if not isinstance(sha256, str) or len(sha256) != 64 or any(
+            c not in "0123456789abcdef" for c in sha256.lower()):
+        raise ConfigError(f"image 'cloud': sha256 {sha256!r} is not 64 hex digits (the output "
+                          f"of `sha256sum image.qcow2`)")
+    return url, sha256.lower()
+
+
 def ensure(*, url: str | None, sha256: str | None, force: bool = False, progress=None):
     """The cached cloud image for (url, sha256), downloading and seeding it if needed."""
     from . import BuiltImage
     report = progress or (lambda *a: None)
-    if not url or not sha256:
-        raise ConfigError("image 'cloud' needs url= and sha256=: ImageSpec('cloud', url=..., sha256=...)")
-    sha256 = sha256.lower()
-    if len(sha256) != 64 or any(c not in "0123456789abcdef" for c in sha256):
-        raise ConfigError(f"image 'cloud': sha256 {sha256!r} is not 64 hex digits")
+    url, sha256 = check_source(url, sha256)
     name = name_for(sha256)
     digest = cache.digest_of({"recipe": RECIPE_VERSION, "sha256": sha256,
                               "user_data": USER_DATA_TEMPLATE, "network": NETWORK_CONFIG})
@@ -135,10 +153,7 @@ def fetch_busybox(dest: Path, report) -> str:
 def fetch_verified(url: str, sha256: str, dest: Path, *, report=None, what: str = NAME) -> int:
     """Download `url` (https:// or file://) to `dest`, hashing as it goes. Raises
     ImageBuildError and deletes `dest` when the content's sha256 is not `sha256`."""
-    scheme = urllib.parse.urlsplit(url).scheme
-    if scheme not in ("https", "file"):
-        raise ConfigError(f"image 'cloud': url {url!r} must be https:// or file:// (plain http "
-                          f"would be checked only by its sha256; use https)")
+    _check_scheme(url)
     report = report or (lambda *a: None)
     h = hashlib.sha256()
     done = 0

@@ -165,8 +165,12 @@ def recipe_key(packages: tuple[str, ...] = ()) -> str:
 
 def _check_packages(packages) -> tuple[str, ...]:
     from ..errors import ConfigError
-    out = tuple(sorted(set(packages)))
-    bad = [p for p in out if not isinstance(p, str) or not _PACKAGE_NAME.match(p)]
+    if isinstance(packages, (str, bytes)) or not hasattr(packages, "__iter__"):
+        raise ConfigError(f"debian image: packages must be a list of Debian package names, "
+                          f"like packages=['curl'], not {packages!r}")
+    items = list(packages)
+    bad = [p for p in items if not isinstance(p, str) or not _PACKAGE_NAME.match(p)]
+    out = tuple(sorted(set(items))) if not bad else ()
     if bad:
         raise ConfigError(f"debian image: {bad!r} are not Debian package names; give names "
                           f"like 'curl' or 'nginx-light'")

@@ -22,6 +22,7 @@ changes.
 from __future__ import annotations
 
 import hashlib
+import posixpath
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,13 +49,30 @@ class Provision:
         if not isinstance(self.name, str) or not _NAME.match(self.name):
             raise ConfigError(f"Provision name {self.name!r} must be 1-32 of a-z 0-9 _ . - "
                               f"(it names the snapshot cache entry)")
-        if isinstance(self.commands, str):
-            raise ConfigError("Provision commands must be a list of command lines, not one str")
+        if isinstance(self.commands, (str, bytes)) or not hasattr(self.commands, "__iter__"):
+            raise ConfigError(f"Provision {self.name!r}: commands must be a list of command "
+                              f"lines (str), not {self.commands!r}")
         object.__setattr__(self, "commands", tuple(self.commands))
+        for cmd in self.commands:
+            if not isinstance(cmd, str) or not cmd.strip():
+                raise ConfigError(f"Provision {self.name!r}: command {cmd!r} must be a non-empty "
+                                  f"shell command line (a str; run by /bin/sh, so join an argv "
+                                  f"with shlex.join)")
+        if isinstance(self.timeout_s, bool) or not isinstance(self.timeout_s, (int, float)) \
+                or not self.timeout_s > 0:
+            raise ConfigError(f"Provision {self.name!r}: timeout_s={self.timeout_s!r} must be a "
+                              f"positive number of seconds (for each command)")
+        if not isinstance(self.files, dict):
+            raise ConfigError(f"Provision {self.name!r}: files must be a dict of "
+                              f"{{guest path: content}}, not {type(self.files).__name__}")
         for path, value in self.files.items():
             if not isinstance(path, str) or not path.startswith("/"):
                 raise ConfigError(f"Provision {self.name!r}: file path {path!r} must be an "
                                   f"absolute path in the guest")
+            if path == "/" or posixpath.normpath(path) != path:
+                raise ConfigError(f"Provision {self.name!r}: file path {path!r} must name a file "
+                                  f"(or, for a local folder, the guest folder) plainly: no "
+                                  f"trailing '/', '..' or '//'")
             if isinstance(value, Path) and not value.exists():
                 raise ConfigError(f"Provision {self.name!r}: local file {value} for {path} "
                                   f"does not exist")
@@ -64,6 +82,14 @@ class Provision:
         # Read local files now: the digest (the snapshot key) and what is installed must be
         # the same bytes, even if the files change while the Env runs.
         object.__setattr__(self, "_contents", self._read_files())
+        paths = set(self._contents)
+        for path in paths:
+            parent = posixpath.dirname(path)
+            while parent != "/":
+                if parent in paths:
+                    raise ConfigError(f"Provision {self.name!r}: {parent} is given as a file and "
+                                      f"is also the folder of {path}")
+                parent = posixpath.dirname(parent)
 
     def guest_files(self) -> dict[str, tuple[bytes, int]]:
         """{guest path: (content, mode)}, directories expanded, sorted; read at construction."""
