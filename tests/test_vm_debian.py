@@ -118,7 +118,15 @@ def test_put_and_get_files_and_folders(world, tmp_path, node_name):
     (src / "sub" / "b.bin").write_bytes(bytes(range(256)) * 40)
     node.put(src, "/tmp/pushed")
     node.put(src / "a.txt", "/tmp/single.txt")
-    assert node.exec("cat /tmp/pushed/a.txt /tmp/single.txt").stdout == "alpha\nalpha\n"
+    node.put(src / "a.txt", "/tmp/pushed/sub/")  # into the folder, keeping its name
+    assert node.exec("cat /tmp/pushed/a.txt /tmp/single.txt /tmp/pushed/sub/a.txt").stdout \
+        == "alpha\nalpha\nalpha\n"
+    # A guest's /etc holds symlinks, some absolute: the fetch keeps them as links.
+    links = set(node.exec("cd /etc && find . -maxdepth 1 -type l | sort", check=True)
+                .stdout.split())
+    etc = node.get("/etc", tmp_path / "etc")
+    assert {f"./{p.name}" for p in etc.iterdir() if p.is_symlink()} == links
+    assert links or node_name == "gk"  # the appliance's initramfs /etc has none
     node.exec("mkdir -p /tmp/made/deep && echo guest > /tmp/made/deep/g.txt", check=True)
     got = node.get("/tmp/made", tmp_path / "back")
     assert (got / "deep" / "g.txt").read_text() == "guest\n"
