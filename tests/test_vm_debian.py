@@ -132,3 +132,31 @@ def test_put_and_get_files_and_folders(world, tmp_path, node_name):
     assert (got / "deep" / "g.txt").read_text() == "guest\n"
     assert node.get("/tmp/pushed/sub/b.bin", tmp_path / "b.bin").read_bytes() == \
         (src / "sub" / "b.bin").read_bytes()
+
+
+def test_a_killed_agent_is_restarted_by_systemd_and_reconnects(world):
+    """Last in the module: it kills deb's agent. systemd restarts it (Restart=always), the
+    new process dials in with a new instance, and the driver serves requests on it."""
+    import time
+
+    from vmlab.errors import VmlabError
+    env, _gk, deb, _quiet = world
+    before = env._driver.hello(deb.macs[0]).instance
+    pid = deb.exec("systemctl show -p MainPID --value vmlab-agent.service", check=True).stdout.strip()
+    # Killed from a detached shell, after this request has been answered.
+    deb.exec(f"setsid -f sh -c 'sleep 0.5; kill -9 {pid}' </dev/null >/dev/null 2>&1", check=True)
+    deadline = time.monotonic() + 60
+    while True:
+        time.sleep(0.5)
+        try:
+            now = deb.exec("systemctl show -p MainPID --value vmlab-agent.service; "
+                           "systemctl show -p NRestarts --value vmlab-agent.service",
+                           check=True, timeout_s=10).stdout.split()
+            if now and now[0] != pid:
+                break
+        except VmlabError:
+            pass  # a request on a connection of the dead process, or none open yet
+        assert time.monotonic() < deadline, "the agent did not come back within 60 s"
+    assert int(now[1]) >= 1
+    assert env._driver.hello(deb.macs[0]).instance != before
+    assert deb.exec("hostname", check=True).stdout.strip() == "deb"
