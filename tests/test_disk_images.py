@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+import bare_python
 from vmlab import ConfigError, Env, ImageSpec, Provision
 from vmlab.agent.agent import AgentHandler, BadRequest
 from vmlab.errors import ImageBuildError
@@ -286,14 +287,11 @@ def test_unpack_runs_on_the_systems_own_python(tmp_path):
     """setup.sh builds .venv from the system python3; Debian 12's (3.11.2) has no
     extraction filters, and `node.get` must work there too."""
     b64 = _guest_tree_with_links(tmp_path)
-    # The system python has none of vmlab's dependencies: load vmlab.files (and the errors
-    # module it needs) without the package's __init__.
-    package = Path(__file__).resolve().parents[1] / "src" / "vmlab"
-    code = ("import sys, types; from pathlib import Path; pkg = types.ModuleType('vmlab'); "
-            f"pkg.__path__ = [{str(package)!r}]; sys.modules['vmlab'] = pkg; "
-            "from vmlab.files import unpack; print(unpack(sys.stdin.read(), Path(sys.argv[1])))")
-    out = subprocess.run(["/usr/bin/python3", "-I", "-c", code, str(tmp_path / "back")],
-                         input=b64, text=True, capture_output=True)
+    # The system python has none of vmlab's dependencies: vmlab.files is loaded alone.
+    out = bare_python.run("/usr/bin/python3",
+                          "from pathlib import Path; from vmlab.files import unpack\n"
+                          "print(unpack(sys.stdin.read(), Path(sys.argv[1])))",
+                          str(tmp_path / "back"), stdin=b64)
     assert out.returncode == 0, out.stderr
     assert (tmp_path / "back" / "hostname").read_text() == "n1\n"
 

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+import bare_python
 from vmlab.errors import ConfigError
 from vmlab.images import BuiltImage, ImageKind, _table, appliance, debs, ensure_image, list_images
 from vmlab.images.elf import ElfFile
@@ -300,16 +301,11 @@ def test_a_root_built_key_the_user_cannot_read_is_named_not_retried(tmp_path):
     else:
         key.chmod(0)
         drop = []
-    package = Path(__file__).resolve().parents[1] / "src" / "vmlab"
-    code = ("import sys, types; from pathlib import Path\n"
-            "for name, sub in (('vmlab', ''), ('vmlab.vm', 'vm')):\n"
-            "    m = types.ModuleType(name); m.__path__ = [str(Path(sys.argv[1], sub))]\n"
-            "    sys.modules[name] = m\n"
-            "from vmlab.vm.ssh import SshTarget\n"
-            "try:\n    SshTarget(2222, Path(sys.argv[2])).argv('true')\n"
-            "except Exception as err:\n    print(type(err).__name__, err)\n")
-    out = subprocess.run([*drop, sys.executable, "-I", "-c", code, str(package), str(key)],
-                         capture_output=True, text=True)
+    out = bare_python.run(sys.executable,
+                          "from pathlib import Path; from vmlab.vm.ssh import SshTarget\n"
+                          "try:\n    SshTarget(2222, Path(sys.argv[1])).argv('true')\n"
+                          "except Exception as err:\n    print(type(err).__name__, err)\n",
+                          str(key), subpackages=("vm",), prefix=tuple(drop))
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith("EnvironmentProblem"), out.stdout
     assert "not readable by this user" in out.stdout and "chown" in out.stdout

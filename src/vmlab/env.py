@@ -709,9 +709,8 @@ class Env:
         ``env.lan_ping("bob")``, ``env.lan_ping(bob, source=alice)``"""
         target = self.node(target) if isinstance(target, str) else target
         source = self.node(source) if isinstance(source, str) else source
-        for role, node in (("target", target), ("source", source)):
-            if not (isinstance(node, Node) and node in self.nodes) and (role == "target"
-                                                                         or node is not None):
+        for role, node in (("target", target), ("source", source or target)):
+            if node not in self.nodes:
                 raise ConfigError(f"lan_ping: {role} {node!r} is not a node of this Env; pass "
                                   f"a Node from env.add_node(...) or its name")
         if isinstance(network, str):

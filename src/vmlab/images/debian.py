@@ -170,11 +170,10 @@ def _check_packages(packages) -> tuple[str, ...]:
                           f"like packages=['curl'], not {packages!r}")
     items = list(packages)
     bad = [p for p in items if not isinstance(p, str) or not _PACKAGE_NAME.match(p)]
-    out = tuple(sorted(set(items))) if not bad else ()
     if bad:
         raise ConfigError(f"debian image: {bad!r} are not Debian package names; give names "
                           f"like 'curl' or 'nginx-light'")
-    return out
+    return tuple(sorted(set(items)))
 
 
 def mirror() -> str:

@@ -296,16 +296,10 @@ def remove_built_on(image_name: str, image_digest: str) -> list[str]:
     """Remove every entry made on the image `image_name` with `image_digest` (a forced
     rebuild replaced it with other bytes under the same digest)."""
     removed = []
-    for path in snapshots_dir().iterdir():
-        if path.name.startswith(".") or not path.is_dir():
-            continue
-        try:
-            meta = SnapshotEntry(path).meta()
-        except (OSError, ValueError):
-            continue
+    for entry, meta, _problem in list_entries():
         if meta.get("image") == image_name and meta.get("image_digest") == image_digest:
-            shutil.rmtree(path, ignore_errors=True)
-            removed.append(path.name)
+            shutil.rmtree(entry.path, ignore_errors=True)
+            removed.append(entry.key)
     return removed
 
 

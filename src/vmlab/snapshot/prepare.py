@@ -54,11 +54,15 @@ async def prepare(spec: SnapshotSpec, out_dir: Path,
         disk = out_dir / DISK_FILE
         await make_overlay(spec.image.disk, disk)
         ssh_port = free_port()
-    cfg = spec.vm_config(name=f"prepare-{spec.image.name}", run_dir=run_dir,
-                         ram=out_dir / RAM_FILE, shared=True, incoming=False, disk=disk,
-                         ssh_port=ssh_port)
-    vm = QemuVm(cfg)
-    chan = HostChannel(f"prepare-{spec.image.name}", cfg.hostchan_socket)
+
+    def new_vm() -> QemuVm:
+        return QemuVm(spec.vm_config(name=f"prepare-{spec.image.name}", run_dir=run_dir,
+                                     ram=out_dir / RAM_FILE, shared=True, incoming=False,
+                                     disk=disk, ssh_port=ssh_port))
+
+    vm = new_vm()
+    # The socket path does not depend on the port: a retried start keeps this channel.
+    chan = HostChannel(f"prepare-{spec.image.name}", vm.cfg.hostchan_socket)
     try:
         progress(f"snapshot {spec.image.name}: booting the image ({spec.accel}, "
                  f"{spec.memory_mb} MB, {spec.nics} NIC{'s' if spec.nics != 1 else ''})")
@@ -75,10 +79,7 @@ async def prepare(spec: SnapshotSpec, out_dir: Path,
                 ssh_port = free_port()
                 log.info("snapshot %s: SSH forward port taken meanwhile; trying port %d",
                          spec.name, ssh_port)
-                cfg = spec.vm_config(name=f"prepare-{spec.image.name}", run_dir=run_dir,
-                                     ram=out_dir / RAM_FILE, shared=True, incoming=False,
-                                     disk=disk, ssh_port=ssh_port)
-                vm = QemuVm(cfg)
+                vm = new_vm()
         chan.start()
         if disk is not None:
             ssh = SshTarget(ssh_port, spec.image.ssh_key)
@@ -208,6 +209,8 @@ def agent_files(image=None) -> dict[str, tuple[bytes, int]]:
 
 
 def _prep_dev_script(body: str) -> str:
+    """A guest shell loop running `body` with $dev set to the prep NIC's name (found by MAC:
+    names differ between images). No single quotes: callers wrap it in sh -c '...'."""
     from ..images.debian import PREP_MAC
     return (f'for d in /sys/class/net/*; do [ "$(cat $d/address)" = {PREP_MAC} ] || continue; '
             f'dev=${{d##*/}}; {body}; done')
@@ -277,10 +280,8 @@ async def _detach_prep_nic(ssh: SshTarget, vm: QemuVm) -> None:
     """Flush the guest's page cache to disk (smaller RAM file, and the frozen disk then holds
     every write), take the prep NIC's address away (a restored node's LAN may be 10.0.2.0/24
     too), and pull its cable for good: the restored device keeps the link down."""
-    from ..images.debian import PREP_MAC
-    script = (f"sleep {_PREP_DETACH_DELAY_S}; for d in /sys/class/net/*; do "
-              f"[ \"$(cat $d/address)\" = {PREP_MAC} ] && ip addr flush dev ${{d##*/}} "
-              f"&& ip link set dev ${{d##*/}} down; done")
+    script = f"sleep {_PREP_DETACH_DELAY_S}; " + _prep_dev_script(
+        "ip addr flush dev $dev && ip link set dev $dev down")
     await ssh.check(f"sync && echo 3 > /proc/sys/vm/drop_caches && "
                     f"setsid -f sh -c '{script}' </dev/null >/dev/null 2>&1",
                     what="detaching the prep NIC")
