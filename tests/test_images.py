@@ -288,24 +288,33 @@ def test_a_root_built_key_the_user_cannot_read_is_named_not_retried(tmp_path):
     key.parent.mkdir(parents=True)
     key.write_text("k")
     key.chmod(0o600)
+    python, package = sys.executable, bare_python.PACKAGE
     if os.geteuid() == 0:
-        if not shutil.which("setpriv"):
-            pytest.skip("root without setpriv: cannot run as another user")
+        if not shutil.which("setpriv") or not os.path.exists("/usr/bin/python3"):
+            pytest.skip("root without setpriv or /usr/bin/python3: cannot run as another user")
         for d in (tmp_path, key.parent.parent, key.parent):
             d.chmod(0o755)
         for d in tmp_path.parents:  # pytest's base directory is 0700
             if str(d) == tempfile.gettempdir():
                 break
             d.chmod(d.stat().st_mode | 0o111)
+        # nobody may not reach the checkout (a mktemp -d clone is 0700) nor the venv's
+        # interpreter: a copy of the sources and the system python, both world-readable.
+        package = tmp_path / "src" / "vmlab"
+        shutil.copytree(bare_python.PACKAGE, package,
+                        ignore=shutil.ignore_patterns("__pycache__"))
+        for d in (tmp_path / "src", package):
+            d.chmod(0o755)
+        python = "/usr/bin/python3"
         drop = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
     else:
         key.chmod(0)
         drop = []
-    out = bare_python.run(sys.executable,
+    out = bare_python.run(python,
                           "from pathlib import Path; from vmlab.vm.ssh import SshTarget\n"
                           "try:\n    SshTarget(2222, Path(sys.argv[1])).argv('true')\n"
                           "except Exception as err:\n    print(type(err).__name__, err)\n",
-                          str(key), subpackages=("vm",), prefix=tuple(drop))
+                          str(key), subpackages=("vm",), prefix=tuple(drop), package=package)
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith("EnvironmentProblem"), out.stdout
     assert "not readable by this user" in out.stdout and "chown" in out.stdout
